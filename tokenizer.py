@@ -609,7 +609,7 @@ def create_dataloader(text: str, tokenizer: "tiktoken.Encoding | BPETokenizer | 
 
 # -- corpora larger than memory: a flat uint16 token file, read back through a memmap -------------
 
-def _corpus_files(source: str | Path) -> list[Path]:
+def corpus_files(source: str | Path) -> list[Path]:
     """A file, every file under a folder (hidden ones skipped), or the files a glob matches; sorted."""
     path = Path(source)
     if path.is_file():
@@ -683,7 +683,7 @@ def prepare_corpus(source: str | Path, out_dir: Path, *, val_fraction: float = 0
     meta.json's contents plus the bytes read and the seconds taken."""
     if not 0 <= val_fraction < 1:
         raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    files = _corpus_files(source)
+    files = corpus_files(source)
     enc = get_tokenizer("tiktoken")
     assert enc.n_vocab <= 2**16, "token ids must fit in uint16"
     num_threads = num_threads or os.cpu_count() or 1
@@ -785,7 +785,7 @@ def show_encodings(text: str, special: bool) -> dict:
 
 
 def train_command(args: argparse.Namespace) -> dict:
-    files = _corpus_files(args.input)
+    files = corpus_files(args.input)
     text = ENDOFTEXT.join(read_text(f, args.errors) for f in files)  # one document per file
     start = time.perf_counter()
     tok = BPETokenizer().train(text, args.vocab_size)
