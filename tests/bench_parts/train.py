@@ -1,0 +1,169 @@
+"""Training benchmarks: tokens/s and MFU of pretrain.py's training step, and DDP scaling on CPU processes.
+
+    python tests/bench.py train                       # CPU: small preset and GPT-2 124M at context 128
+    python tests/bench.py train --train-cases gpu     # GPT-2 124M, context 1024, bfloat16, compiled
+
+MFU (model FLOPs utilisation) is the model's training FLOPs per second (model.flops_per_token) over a
+peak measured here on the same device: the best rate of large float32 matmuls on the CPU, or of
+bfloat16 matmuls on the GPU. Tokens are random ids written to a temporary token folder, so nothing is
+downloaded. Reference (issue 5): nanoGPT trains GPT-2 124M at context 128, batch 4, at about
+167 tokens/s (68 % of the fp32 matmul peak) on this 2-core CPU, and at 48.9 % MFU on an H200.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+import pretrain  # noqa: E402
+from model import GPT, autocast, get_config  # noqa: E402
+from tokenizer import UserError  # noqa: E402
+
+CASES = ("small", "gpt2", "ddp", "gpu")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("train")
+    group.add_argument("--train-cases", nargs="+", default=["small", "gpt2", "ddp"], choices=CASES,
+                       help="small: --train-preset at context 128 on the CPU; gpt2: GPT-2 124M at context 128 "
+                            "on the CPU; ddp: 1 vs 2 CPU processes under torchrun; gpu: GPT-2 124M at context "
+                            "1024, bfloat16, compiled, on CUDA")
+    group.add_argument("--train-preset", default="mini", help="the small case's preset")
+    group.add_argument("--train-batch", type=int, default=4, help="sequences per step in the CPU cases")
+    group.add_argument("--train-gpu-batch", type=int, default=16, help="sequences per step in the gpu case")
+    group.add_argument("--train-steps", type=int, default=5, help="timed steps per case (after the warmup steps)")
+    group.add_argument("--train-warmup", type=int, default=2, help="untimed steps first (compilation, allocation)")
+    group.add_argument("--train-compile", action=argparse.BooleanOptionalAction, default=False,
+                       help="torch.compile the model in the CPU cases too (the gpu case always compiles)")
+
+
+def random_token_folder(folder: Path, n_tokens: int = 1_000_000) -> Path:
+    """train.bin and val.bin of random GPT-2 ids: the speed of a step does not depend on the text."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        rng.integers(0, 50257, n_tokens, dtype=np.uint16).tofile(folder / f"{split}.bin")
+    return folder
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, repeats: int) -> float:
+    """Best FLOP/s of n x n matmuls (2 n^3 FLOPs each) in `dtype`: the practical peak of the device."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    best = 0.0
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(10):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, 10 * 2 * n**3 / (time.perf_counter() - start))
+    return best
+
+
+def time_steps(model: GPT, tokens: np.ndarray, *, batch_size: int, block_size: int, device: torch.device,
+               dtype: torch.dtype, compile: bool, warmup: int, steps: int) -> float:
+    """Seconds per training step (pretrain.train_step on a fresh draw each step), after `warmup` steps."""
+    model.to(device)
+    optimizer = model.configure_optimizer(6e-4, device_type=device.type)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    step_model = torch.compile(model) if compile else model
+    for i in range(warmup + steps):
+        if i == warmup:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+        x, y = pretrain.draw_batch(tokens, batch_size, block_size, grad_accum=1, world_size=1, rank=0,
+                                   seed=0, step=i)  # (1, B, T) each
+        loss, norm = pretrain.train_step(step_model, optimizer, scaler, x.to(device), y.to(device),
+                                         grad_clip=1.0, ctx=autocast(device, dtype))
+        norm.item()  # wait for the device, as the training loop does every step
+    return (time.perf_counter() - start) / steps
+
+
+def step_row(case: str, preset: str, block_size: int, batch_size: int, device: torch.device, dtype: torch.dtype,
+             compile: bool, peak: float, tokens: np.ndarray, args: argparse.Namespace) -> dict:
+    torch.manual_seed(0)
+    model = GPT(get_config(preset, block_size=block_size))
+    seconds = time_steps(model, tokens, batch_size=batch_size, block_size=block_size, device=device, dtype=dtype,
+                         compile=compile, warmup=args.train_warmup, steps=args.train_steps)
+    tokens_per_s = batch_size * block_size / seconds
+    flops = model.flops_per_token(block_size) * tokens_per_s
+    return {"bench": "train", "case": case, "preset": preset, "params_M": round(model.num_params() / 1e6, 1),
+            "context": block_size, "batch": batch_size, "device": device.type,
+            "dtype": str(dtype).removeprefix("torch."), "compile": compile, "ms/step": round(1000 * seconds, 1),
+            "tokens/s": round(tokens_per_s, 1), "TFLOP/s": round(flops / 1e12, 4),
+            "peak TFLOP/s": round(peak / 1e12, 4), "MFU %": round(100 * flops / peak, 1)}
+
+
+def ddp_rows(data: Path, args: argparse.Namespace, tmp: Path) -> list[dict]:
+    """pretrain.py itself, 1 process (all cores, then 1 thread) vs 2 torchrun processes of 1 thread each.
+
+    Each process keeps its batch, so 2 processes train twice the tokens per step. tokens/s is the
+    run's second evaluation interval, so start-up and the first steps are left out."""
+    steps = 2 * (args.train_warmup + args.train_steps)
+    common = ["pretrain.py", "--data", str(data), "--preset", args.train_preset, "--block-size", "128",
+              "--batch-size", str(args.train_batch), "--max-steps", str(steps), "--eval-every", str(steps // 2),
+              "--eval-batches", "1", "--sample-tokens", "0", "--save-every", "0", "--device", "cpu"]
+    runs = [("1 process", [sys.executable], {}),
+            ("1 process, 1 thread", [sys.executable], {"OMP_NUM_THREADS": "1"}),
+            ("2 processes, 1 thread each", [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                            "--nproc_per_node=2"], {"OMP_NUM_THREADS": "1"})]
+    rows = []
+    for i, (name, launcher, env) in enumerate(runs):
+        out = tmp / f"ddp{i}"
+        subprocess.run([*launcher, *common, "--out-dir", str(out)], cwd=REPO, check=True, capture_output=True,
+                       env={**os.environ, **env})
+        record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+        rows.append({"bench": "train", "case": f"ddp: {name}", "preset": args.train_preset, "context": 128,
+                     "batch": args.train_batch, "device": "cpu", "ms/step": round(record["ms_per_step"], 1),
+                     "tokens/s": round(record["tokens_per_s"], 1)})
+    one_thread = rows[1]["tokens/s"]
+    rows[2]["scaling vs 1 process, 1 thread"] = round(rows[2]["tokens/s"] / one_thread, 2)
+    rows[2]["speed-up vs 1 process"] = round(rows[2]["tokens/s"] / rows[0]["tokens/s"], 2)
+    return rows
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    if "gpu" in args.train_cases and not torch.cuda.is_available():
+        raise UserError("the train benchmark's gpu case needs a CUDA GPU, and torch sees none here")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
+        tmp = Path(tmp)
+        data = random_token_folder(tmp)
+        tokens = np.memmap(data / "train.bin", dtype=np.uint16, mode="r")
+        cpu = torch.device("cpu")
+        if {"small", "gpt2"} & set(args.train_cases):
+            peak = matmul_peak(cpu, torch.float32, n=2048, repeats=3)
+            for case, preset in (("small", args.train_preset), ("gpt2", "gpt2")):
+                if case in args.train_cases:
+                    rows.append(step_row(case, preset, 128, args.train_batch, cpu, torch.float32,
+                                         args.train_compile, peak, tokens, args))
+        if "ddp" in args.train_cases:
+            rows += ddp_rows(data, args, tmp)
+        if "gpu" in args.train_cases:
+            gpu = torch.device("cuda")
+            torch.backends.cuda.matmul.allow_tf32 = True
+            peak = matmul_peak(gpu, torch.bfloat16, n=8192, repeats=5)
+            row = step_row("gpu", "gpt2", 1024, args.train_gpu_batch, gpu, torch.bfloat16, True, peak, tokens, args)
+            table_peak = pretrain.peak_flops(gpu, torch.bfloat16)
+            row["gpu"] = torch.cuda.get_device_name(gpu)
+            row["MFU % of data-sheet peak"] = round(100 * row["TFLOP/s"] * 1e12 / table_peak, 1) if table_peak else None
+            rows.append(row)
+    return rows
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_arguments(parser)
+    for row in run(parser.parse_args()):
+        print(row)
