@@ -1,0 +1,205 @@
+"""finetune_spam.py: data parsing and zip safety, the classifier's forward pass, training, prediction.
+
+Everything runs on the "tiny" preset with random weights and a small synthetic dataset in the real
+file's format, offline (conftest.py seeds the download cache with the real SMSSpamCollection)."""
+import copy
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import finetune_spam as fs
+from load_gpt2 import load_model
+from model import load_checkpoint
+from tokenizer import DownloadError, UserError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def synthetic_lines(n_ham: int = 90, n_spam: int = 40) -> list[str]:
+    """Easy, varied-length messages in the file's `label<TAB>text` format; some carry a lone quote,
+    which a CSV reader would take as the start of a multi-line field."""
+    ham = [f"ham\t{'ok ' * (i % 7)}see you at home later {i}, bring the \"book" for i in range(n_ham)]
+    spam = [f"spam\tWIN a FREE prize!! call 0800 {i} now {'txt STOP ' * (i % 5)}" for i in range(n_spam)]
+    return [line for pair in zip(ham, spam) for line in pair] + ham[n_spam:]
+
+
+@pytest.fixture
+def data_file(tmp_path) -> Path:
+    path = tmp_path / "SMSSpamCollection"
+    path.write_text("\n".join(synthetic_lines()) + "\n", encoding="utf-8")
+    return path
+
+
+def tiny_args(tmp_path, data_file, *extra: str):
+    return fs.parse_args(["--init", "random", "--preset", "tiny", "--data", str(data_file), "--out-dir",
+                          str(tmp_path / "out"), "--lr", "1e-3", "--epochs", "3", "--eval-every", "10", *extra])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data
+
+def test_real_file_parses_to_5574_messages_747_spam():
+    messages = fs.load_messages(fs.default_data())  # the seeded cache: no network
+    assert (len(messages), sum(label for label, _ in messages)) == (5574, 747)
+
+
+def test_lone_quotes_do_not_merge_lines(data_file):
+    assert len(fs.load_messages(data_file)) == len(synthetic_lines())
+
+
+def test_malformed_line_is_refused(tmp_path):
+    path = tmp_path / "bad.txt"
+    path.write_text("ham\thello\nspam, free prize\n" * 20)
+    with pytest.raises(UserError, match="line 2"):
+        fs.load_messages(path)
+
+
+def test_balance_and_split_sizes_are_fixed():
+    messages = [(0, f"h{i}") for i in range(300)] + [(1, f"s{i}") for i in range(100)]
+    splits = fs.balance_and_split(messages)
+    assert [len(splits[k]) for k in ("train", "val", "test")] == [140, 20, 40]
+    assert sum(label for part in splits.values() for label, _ in part) == 100  # every spam, as many ham
+    assert splits == fs.balance_and_split(messages)  # the fixed seed
+
+
+def make_zip(path: Path, members: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return path
+
+
+@pytest.mark.parametrize("name", ["../SMSSpamCollection", "/SMSSpamCollection", "sub/../../SMSSpamCollection"])
+def test_zip_member_escaping_the_folder_is_refused(tmp_path, data_file, name):
+    archive = make_zip(tmp_path / "evil.zip", {"SMSSpamCollection": data_file.read_bytes(), name: b"ham\tx\n"})
+    with pytest.raises(UserError, match="outside its folder"):
+        fs.load_messages(archive)
+    assert not (tmp_path.parent / "SMSSpamCollection").exists()
+
+
+def test_good_zip_reads_and_default_data_extracts_from_cached_zip(tmp_path, data_file, monkeypatch):
+    archive = make_zip(tmp_path / "good.zip", {"SMSSpamCollection": data_file.read_bytes(), "readme": b"hi"})
+    assert fs.load_messages(archive) == fs.load_messages(data_file)
+    # A cache holding only the UCI zip (as downloaded): default_data extracts the member, verified.
+    cache = tmp_path / "cache"
+    real = (fs.cache_dir() / fs.SMS_RELPATH).read_bytes()
+    (cache / fs.SMS_ZIP_RELPATH).parent.mkdir(parents=True)
+    make_zip(cache / fs.SMS_ZIP_RELPATH, {"SMSSpamCollection": real, "readme": b"UCI"})
+    monkeypatch.setenv("LLM_CACHE_DIR", str(cache))
+    assert fs.default_data() == cache / fs.SMS_RELPATH
+    assert (cache / fs.SMS_RELPATH).read_bytes() == real
+
+
+# ---------------------------------------------------------------------------------------------------
+# The forward pass
+
+@pytest.fixture
+def tiny_model():
+    torch.manual_seed(0)
+    model, _ = load_model("random", preset="tiny")
+    fs.make_classifier(model, "all", 4, 4.0)
+    return model.eval()
+
+
+def varied_split(n: int = 6) -> fs.Split:
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 40, (n,), generator=g).tolist()
+    tokens = [torch.randint(0, 50257, (length,), generator=g) for length in lengths]
+    return fs.Split(tokens, torch.zeros(n, dtype=torch.long))
+
+
+def test_predictions_do_not_depend_on_padding(tiny_model):
+    split = varied_split()
+    with torch.no_grad():
+        batched = fs.batch_logits(tiny_model, split, list(range(6)), 0, torch.device("cpu"))  # padded to 39
+        alone = torch.cat([fs.batch_logits(tiny_model, split, [i], 0, torch.device("cpu")) for i in range(6)])
+    torch.testing.assert_close(batched, alone, rtol=0, atol=1e-5)
+    assert torch.equal(batched.argmax(-1), alone.argmax(-1))
+
+
+def test_last_token_block_equals_full_block(tiny_model):
+    block, x, lengths = tiny_model.transformer.h[-1], torch.randn(3, 12, 64), torch.tensor([12, 1, 7])
+    with torch.no_grad():
+        full = block(x)[torch.arange(3), lengths - 1]  # (B, C)
+        torch.testing.assert_close(fs.last_token_block(block, x, lengths), full, rtol=0, atol=1e-5)
+
+
+def test_lora_merge_keeps_outputs():
+    torch.manual_seed(0)
+    layer = fs.LoRALinear(torch.nn.Linear(16, 8), rank=4, alpha=8.0)
+    torch.nn.init.normal_(layer.B)  # as after training; at init B = 0 and the update is zero
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        before = layer(x)
+        torch.testing.assert_close(layer.merged()(x), before, rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training
+
+def test_cached_features_train_exactly_like_recomputing(tmp_path, data_file):
+    args = tiny_args(tmp_path, data_file, "--epochs", "2")
+    splits, _ = fs.prepare_splits(fs.load_messages(data_file), 64)
+    torch.manual_seed(0)
+    model, _ = load_model("random", preset="tiny")
+    start = fs.make_classifier(model, "last_block", 4, 4.0)
+    runs = []
+    for cache in (True, False):
+        fresh = {k: fs.Split(s.tokens, s.labels) for k, s in splits.items()}
+        runs.append(fs.fit(copy.deepcopy(model), fresh, start, args, torch.device("cpu"), torch.float32, cache))
+    assert start == 1 and len(runs[0]["losses"]) == 2 * 7  # 56 training messages, 8 per batch
+    torch.testing.assert_close(runs[0]["losses"], runs[1]["losses"], rtol=1e-4, atol=1e-6)
+
+
+def test_pipeline_trains_saves_and_reloads(tmp_path, data_file):
+    metrics = fs.main(tiny_args(tmp_path, data_file))
+    assert metrics["cached_features"] and metrics["data"]["train"] == 56
+    assert len(metrics["history"]) == 3 and {"train_accuracy", "val_accuracy"} <= set(metrics["history"][0])
+    assert metrics["test"]["accuracy"] >= 0.9  # the synthetic classes are easy to tell apart
+    assert (tmp_path / "out" / "metrics.json").is_file()
+    model, extra = load_checkpoint(tmp_path / "out" / "classifier.pt")
+    assert model.config.num_classes == 2 and extra["labels"] == ["ham", "spam"]
+    assert extra["test"] == metrics["test"]
+
+
+def test_lora_checkpoint_is_a_plain_gpt_with_the_reported_score(tmp_path, data_file):
+    metrics = fs.main(tiny_args(tmp_path, data_file, "--trainable", "lora", "--epochs", "2", "--lora-alpha", "64"))
+    model, _ = load_checkpoint(tmp_path / "out" / "classifier.pt")  # loads only with GPT's own keys
+    splits, _ = fs.prepare_splits(fs.load_messages(data_file), 64)
+    probs, _ = fs.evaluate(model, splits["test"], 0, 8, torch.device("cpu"), torch.float32)
+    assert fs.classification_metrics(probs, splits["test"].labels) == metrics["test"]
+
+
+def test_no_network_ends_with_a_sentence_offering_random_or_a_file(tmp_path, data_file, monkeypatch):
+    def offline(*args, **kwargs):
+        raise DownloadError("could not download https://huggingface.co/... (no connection to the server)")
+    monkeypatch.setattr(fs, "load_model", offline)
+    with pytest.raises(UserError, match="--init random"):
+        fs.main(fs.parse_args(["--data", str(data_file), "--out-dir", str(tmp_path)]))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Prediction, as a user runs it
+
+def run_script(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "finetune_spam.py"), *args], input=stdin,
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+
+
+def test_predict_in_a_subprocess(tmp_path, data_file):
+    fs.main(tiny_args(tmp_path, data_file))
+    checkpoint = str(tmp_path / "out" / "classifier.pt")
+    long_text = "hello there " * 100  # > 64 tokens, the tiny model's context
+    result = run_script("--checkpoint", checkpoint, "--predict", "WIN a FREE prize!! call 0800 7 now",
+                        "--predict", "-", "--predict", long_text, stdin="see you at home later 3\n\n")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert [line.split()[0] for line in lines[:2]] == ["spam", "ham"] and len(lines) == 3  # blank stdin line skipped
+    assert lines[0].split()[1].endswith("%") and "last 64 tokens" in result.stderr
+
+    empty = run_script("--checkpoint", checkpoint, "--predict", "  ")
+    assert empty.returncode != 0 and empty.stderr.strip().startswith("error: ") and "Traceback" not in empty.stderr
