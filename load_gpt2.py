@@ -278,22 +278,11 @@ def config_from_shapes(file: SafetensorsFile) -> GPTConfig:
                     f"{', '.join(GPT2_REPOS)}; put the model's config.json next to it")
 
 
-class _SkipInit(torch.overrides.TorchFunctionMode):
-    """Turn torch.nn.init's functions into no-ops while a model is built on the meta device.
-
-    Its weights are replaced before use anyway, and normal_ on a meta tensor is not free: its first
-    call loads torch's Python decompositions, seconds and ~75 MB of modules."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if getattr(func, "__module__", None) == "torch.nn.init":
-            return args[0] if args else kwargs["tensor"]
-        return func(*args, **kwargs)
-
-
 def meta_model(config: GPTConfig) -> GPT:
-    """A GPT with the shapes of config and no memory behind its weights (the meta device)."""
-    with torch.device("meta"), _SkipInit():
+    """A GPT with the shapes of config and no memory behind its weights (the meta device).
+
+    GPT skips its random init there: the weights are replaced before use anyway."""
+    with torch.device("meta"):
         return GPT(config)
 
 

@@ -68,6 +68,11 @@ class KVCache:
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.valid = torch.zeros(batch_size, max_length, dtype=torch.bool, device=device)
         self.max_length = max_length
+        if self.valid.is_cuda:
+            # The model updates these tensors in place and they never move: telling torch.compile
+            # so lets mode="reduce-overhead" replay a CUDA graph per step instead of skipping graphs.
+            for t in (*self.keys, *self.values, self.valid):
+                torch._dynamo.mark_static_address(t)
 
     def reset(self) -> None:
         # Stale keys and values are harmless: slots that are not valid are masked out.
@@ -152,6 +157,8 @@ class GPT(nn.Module):
             self.tie_weights()
         else:
             self.lm_head = nn.Linear(config.n_embd, config.num_classes)
+        if self.transformer.wte.weight.is_meta:
+            return  # built on the meta device to receive loaded weights (load_gpt2.py): nothing to init
         self.apply(self._init_weights)
         # GPT-2 scales the init of the projections that write into the residual stream by
         # 1/sqrt(2 * n_layer) (two per block), so the stream's variance does not grow with depth.
@@ -183,6 +190,7 @@ class GPT(nn.Module):
                cache_positions: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states after ln_f, (B, T, C). See forward() for the arguments."""
         B, T = idx.shape
+        assert T <= self.config.block_size, f"sequence of {T} tokens is longer than block_size {self.config.block_size}"
         attn_mask = None
         if kv_cache is not None:
             if cache_positions is None:
@@ -206,8 +214,6 @@ class GPT(nn.Module):
             causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
             eye = torch.eye(T, dtype=torch.bool, device=idx.device)
             attn_mask = (causal & real[:, None, None, :]) | eye  # (B, 1, T, T)
-        assert T <= self.config.block_size, f"sequence of {T} tokens is longer than block_size {self.config.block_size}"
-
         x = self.embed(idx, positions)  # (B, T, C)
         for i, block in enumerate(self.transformer.h):
             cache = (kv_cache.keys[i], kv_cache.values[i]) if kv_cache is not None else None
@@ -234,7 +240,7 @@ class GPT(nn.Module):
         logits = self.lm_head(x)  # (B, T, V)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100)
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return logits, loss
 
     def num_params(self, non_embedding: bool = False) -> int:
@@ -331,14 +337,24 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
 # Device and precision, in one place for every stage.
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """'auto' picks cuda, then mps, then cpu; any other name is used as given."""
+    """'auto' picks cuda, then mps, then cpu; any other name is used as given.
+
+    Raises ValueError with a one-sentence reason for a name torch does not know or a device this
+    machine lacks, instead of a RuntimeError deep inside the first .to(device)."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
+    if device.type in available and not available[device.type]():
+        raise ValueError(f"device {name!r} is not available on this machine")
+    return device
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
