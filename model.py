@@ -223,7 +223,8 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 attention_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
                 kv_cache: KVCache | None = None, cache_positions: torch.Tensor | None = None,
-                last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                last_only: bool = False, head_t: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits for token ids idx (B, T), and the mean cross-entropy loss when targets are given.
 
         attention_mask (B, T): 1 for real tokens, 0 for padding; positions then count real tokens only.
@@ -231,13 +232,14 @@ class GPT(nn.Module):
         those cache slots and attention covers every valid slot up to each query's own.
         last_only: compute the head for the last position only, (B, 1, V): generation needs no more,
         and the (B, T, 50257) head is the most expensive matmul of a small model.
-        Targets of -100 are ignored by the loss.
+        head_t (C, V): the LM head's weight transposed and contiguous, used instead of lm_head (same
+        numbers); see generate.py for why decoding on a CPU passes one. Targets of -100 are ignored.
         """
         x = self.hidden(idx, attention_mask=attention_mask, positions=positions,
                         kv_cache=kv_cache, cache_positions=cache_positions)
         if last_only:
             x = x[:, -1:, :]  # (B, 1, C)
-        logits = self.lm_head(x)  # (B, T, V)
+        logits = self.lm_head(x) if head_t is None else x @ head_t  # (B, T, V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
