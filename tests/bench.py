@@ -54,7 +54,8 @@ BENCHMARKS = {
 def print_table(rows: list[dict]) -> None:
     """A Markdown table whose columns are every key the rows use, in order of first use."""
     columns = list(dict.fromkeys(key for row in rows for key in row))
-    cells = [[str(row.get(column, "")) for column in columns] for row in rows]
+    show = lambda value: f"{value:.4g}" if isinstance(value, float) else str(value)
+    cells = [[show(row.get(column, "")) for column in columns] for row in rows]
     widths = [max(len(column), *(len(r[i]) for r in cells)) for i, column in enumerate(columns)]
     print("| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths)) + " |")
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")

@@ -10,7 +10,7 @@ transformers leaves float32 weights in the memory-mapped file, paged in when fir
 load-time peak can be below the model's size: "peak_after_use" is the peak once every weight has
 been read once, as the first forward pass does.
 
-    python tests/bench.py load --hf-python /work/hfvenv/bin/python
+    python tests/bench.py load --hf-python VENV/bin/python
 """
 import argparse
 import json
@@ -143,9 +143,3 @@ def run(args: argparse.Namespace) -> list[dict]:
             (folder / "model.safetensors").unlink()  # free the disk before the next size
     return rows
 
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_arguments(parser)
-    for row in run(parser.parse_args()):
-        print(row)

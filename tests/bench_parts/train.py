@@ -161,9 +161,3 @@ def run(args: argparse.Namespace) -> list[dict]:
             rows.append(row)
     return rows
 
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_arguments(parser)
-    for row in run(parser.parse_args()):
-        print(row)
