@@ -26,28 +26,23 @@ import bench_parts.train as train_bench  # noqa: E402
 from tokenizer import UserError  # noqa: E402
 
 
-def train_step(args: argparse.Namespace) -> list[dict]:
-    """GPT-2 124M, context 128, batch 4, fp32 on the CPU: the train benchmark's gpt2 case alone."""
-    args.train_cases = ["gpt2"]
-    return train_bench.run(args)
-
-
 def gpu(args: argparse.Namespace) -> list[dict]:
     """Everything that needs CUDA, in one run: bf16 decoding (eager, compiled) and the compiled
     context-1024 bf16 training step, as MFU of a measured bf16 matmul peak."""
-    args.train_cases = ["gpu"]
     return generate_bench.run_gpu(args) + train_bench.run(args)
 
 
-# subcommand -> (the functions adding its flags, the function returning its rows)
+# subcommand -> (the function adding its flags, the function returning its rows)
 BENCHMARKS = {
-    "tokenizer": ([tokenizer_bench.add_arguments], tokenizer_bench.run),
-    "generate": ([generate_bench.add_arguments], generate_bench.run_generate),
-    "train-step": ([train_bench.add_arguments], train_step),
-    "train": ([train_bench.add_arguments], train_bench.run),
-    "load": ([load_bench.add_arguments], load_bench.run),
-    "spam": ([spam_bench.add_arguments], spam_bench.run),
-    "gpu": ([generate_bench.add_arguments, train_bench.add_arguments], gpu),
+    "tokenizer": (tokenizer_bench.add_arguments, tokenizer_bench.run),
+    "generate": (generate_bench.add_arguments, generate_bench.run_generate),
+    # GPT-2 124M, context 128, batch 4, fp32 on the CPU: the train benchmark's gpt2 case alone
+    "train-step": (lambda parser: train_bench.add_arguments(parser, cases=("gpt2",)), train_bench.run),
+    "train": (train_bench.add_arguments, train_bench.run),
+    "load": (load_bench.add_arguments, load_bench.run),
+    "spam": (spam_bench.add_arguments, spam_bench.run),
+    "gpu": (lambda parser: (generate_bench.add_arguments(parser, gpu=True),
+                            train_bench.add_arguments(parser, cases=("gpu",))), gpu),
 }
 
 
@@ -66,10 +61,8 @@ def print_table(rows: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="benchmark", required=True)
-    for name, (add_argument_functions, _) in BENCHMARKS.items():
-        sub = commands.add_parser(name, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        for add_arguments in add_argument_functions:
-            add_arguments(sub)
+    for name, (add_arguments, _) in BENCHMARKS.items():
+        add_arguments(commands.add_parser(name, formatter_class=argparse.ArgumentDefaultsHelpFormatter))
     args = parser.parse_args()
     rows = BENCHMARKS[args.benchmark][1](args)
     print_table(rows)

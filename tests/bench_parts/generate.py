@@ -50,10 +50,12 @@ print(json.dumps({"seconds": seconds, "tokens": out[0, len(prompt):].tolist(),
 """
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser, gpu: bool = False) -> None:
+    """The decoding flags; the gpu run has no transformers comparison, so no --hf-python."""
     group = parser.add_argument_group("generate")
-    group.add_argument("--hf-python", default=None,
-                       help="Python of a venv with transformers, for the CPU comparison (skipped without)")
+    if not gpu:
+        group.add_argument("--hf-python", default=None,
+                           help="Python of a venv with transformers, for the comparison (skipped without)")
     group.add_argument("--decode-prompt-tokens", type=int, default=16, help="prompt length (random ids)")
     group.add_argument("--decode-new-tokens", type=int, default=256, help="greedy tokens to generate")
 

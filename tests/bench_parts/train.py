@@ -31,19 +31,30 @@ from tokenizer import UserError  # noqa: E402
 CASES = ("small", "gpt2", "ddp", "gpu")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser, cases: tuple[str, ...] | None = None) -> None:
+    """The train benchmark's flags. cases: run exactly these (no --train-cases flag), and offer only
+    the flags they read; None offers --train-cases and every flag."""
     group = parser.add_argument_group("train")
-    group.add_argument("--train-cases", nargs="+", default=["small", "gpt2", "ddp"], choices=CASES,
-                       help="small: --train-preset at context 128 on the CPU; gpt2: GPT-2 124M at context 128 "
-                            "on the CPU; ddp: 1 vs 2 CPU processes under torchrun; gpu: GPT-2 124M at context "
-                            "1024, bfloat16, compiled, on CUDA")
-    group.add_argument("--train-preset", default="mini", help="the small case's preset")
-    group.add_argument("--train-batch", type=int, default=4, help="sequences per step in the CPU cases")
-    group.add_argument("--train-gpu-batch", type=int, default=16, help="sequences per step in the gpu case")
+    if cases is None:
+        group.add_argument("--train-cases", nargs="+", default=["small", "gpt2", "ddp"], choices=CASES,
+                           help="small: --train-preset at context 128 on the CPU; gpt2: GPT-2 124M at context 128 "
+                                "on the CPU; ddp: 1 vs 2 CPU processes under torchrun; gpu: GPT-2 124M at context "
+                                "1024, bfloat16, compiled, on CUDA")
+    else:
+        parser.set_defaults(train_cases=list(cases))
+    used = set(CASES if cases is None else cases)
+    cpu = bool(used & {"small", "gpt2", "ddp"})
+    if used & {"small", "ddp"}:
+        group.add_argument("--train-preset", default="mini", help="the small and ddp cases' preset")
+    if cpu:
+        group.add_argument("--train-batch", type=int, default=4, help="sequences per step in the CPU cases")
+    if "gpu" in used:
+        group.add_argument("--train-gpu-batch", type=int, default=16, help="sequences per step in the gpu case")
     group.add_argument("--train-steps", type=int, default=5, help="timed steps per case (after the warmup steps)")
     group.add_argument("--train-warmup", type=int, default=2, help="untimed steps first (compilation, allocation)")
-    group.add_argument("--train-compile", action=argparse.BooleanOptionalAction, default=False,
-                       help="torch.compile the model in the CPU cases too (the gpu case always compiles)")
+    if cpu:
+        group.add_argument("--train-compile", action=argparse.BooleanOptionalAction, default=False,
+                           help="torch.compile the model in the CPU cases too (the gpu case always compiles)")
 
 
 def random_token_folder(folder: Path, n_tokens: int = 1_000_000) -> Path:
@@ -144,8 +155,9 @@ def run(args: argparse.Namespace) -> list[dict]:
         cpu = torch.device("cpu")
         if {"small", "gpt2"} & set(args.train_cases):
             peak = matmul_peak(cpu, torch.float32, n=2048, repeats=3)
-            for case, preset in (("small", args.train_preset), ("gpt2", "gpt2")):
+            for case in ("small", "gpt2"):
                 if case in args.train_cases:
+                    preset = args.train_preset if case == "small" else "gpt2"
                     rows.append(step_row(case, preset, 128, args.train_batch, cpu, torch.float32,
                                          args.train_compile, peak, tokens, args))
         if "ddp" in args.train_cases:
