@@ -30,8 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from load_gpt2 import load_model
-from model import GPT, Block, autocast, load_checkpoint, resolve_device, resolve_dtype, save_checkpoint
+from load_gpt2 import device_and_dtype, load_model
+from model import GPT, Block, autocast, load_checkpoint, save_checkpoint
 from tokenizer import SMS_SPAM_SHA256, DownloadError, UserError, cache_dir, fetch, get_tokenizer
 
 LABELS = ("ham", "spam")  # class index = position: 0 ham, 1 spam (the positive class)
@@ -443,17 +443,9 @@ def prepare_splits(messages: list[tuple[int, str]], block_size: int) -> tuple[di
     return splits, summary
 
 
-def device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
-    try:
-        device = resolve_device(args.device)
-    except ValueError as e:  # an unknown name, or a GPU this machine lacks
-        raise UserError(str(e)) from None
-    return device, resolve_dtype(args.dtype, device)
-
-
 def train_main(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
-    device, dtype = device_and_dtype(args)
+    device, dtype = device_and_dtype(args.device, args.dtype)
     if args.preset is not None and args.init != "random":
         raise UserError(f"--preset only applies to --init random; {args.init} brings its own size")
     data_path = Path(args.data) if args.data else default_data()
@@ -520,7 +512,7 @@ def predict_main(args: argparse.Namespace) -> dict:
             texts.append(text)
     if not texts:
         raise UserError("stdin held no text to classify (--predict - reads one text per line)")
-    device, dtype = device_and_dtype(args)
+    device, dtype = device_and_dtype(args.device, args.dtype)
     path = Path(args.checkpoint) if args.checkpoint else Path(args.out_dir) / "classifier.pt"
     try:
         model, _ = load_checkpoint(path, device)

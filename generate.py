@@ -15,8 +15,8 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from load_gpt2 import load_model
-from model import DTYPES, GPT, KVCache, resolve_device, resolve_dtype
+from load_gpt2 import device_and_dtype, load_model
+from model import DTYPES, GPT, KVCache
 from tokenizer import UserError, get_tokenizer
 
 
@@ -280,11 +280,7 @@ def main(args: argparse.Namespace) -> dict:
         raise UserError(f"--{e}") from None
     if args.max_new_tokens < 1 or args.num_samples < 1:
         raise UserError("--max-new-tokens and --num-samples must be at least 1")
-    try:
-        device = resolve_device(args.device)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    dtype = resolve_dtype(args.dtype, device)
+    device, dtype = device_and_dtype(args.device, args.dtype)
     tokenizer = get_tokenizer()  # first: a missing tokenizer file should not wait for a model load
     torch.manual_seed(args.seed)  # makes --init random reproducible too
     model, _ = load_model(args.init, preset=args.preset, device=device, dtype=dtype)

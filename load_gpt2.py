@@ -426,6 +426,16 @@ def is_checkpoint(path: Path) -> bool:
         raise UserError(f"cannot read {path}: {e.strerror or e}") from None
 
 
+def device_and_dtype(device_name: str, dtype_name: str) -> tuple[torch.device, torch.dtype]:
+    """The --device and --dtype flags of every stage as torch objects; UserError for a bad name or a
+    device this machine lacks."""
+    try:
+        device = resolve_device(device_name)
+        return device, resolve_dtype(dtype_name, device)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
 def load_model(init: str, *, preset: str | None = None, device: torch.device | str = "cpu",
                dtype: torch.dtype = torch.float32) -> tuple[GPT, dict]:
     """The model a stage starts from, and the checkpoint's extra entries ({} unless init is a checkpoint).
@@ -514,11 +524,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> dict:
-    try:
-        device = resolve_device(args.device)
-        dtype = resolve_dtype(args.dtype, device)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    device, dtype = device_and_dtype(args.device, args.dtype)
     start = time.perf_counter()
     model, _ = load_model(args.model, preset=args.preset, device=device, dtype=dtype)
     load_seconds = time.perf_counter() - start
