@@ -30,9 +30,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from load_gpt2 import device_and_dtype, load_model
-from model import GPT, Block, autocast, load_checkpoint, save_checkpoint
-from tokenizer import SMS_SPAM_SHA256, DownloadError, UserError, cache_dir, fetch, get_tokenizer
+from load_gpt2 import load_model
+from model import (GPT, Block, add_lora, autocast, device_and_dtype, load_checkpoint,
+                   merge_lora, save_checkpoint)
+from tokenizer import SMS_SPAM_SHA256, DownloadError, UserError, cache_dir, fetch, get_tokenizer, run_stage
 
 LABELS = ("ham", "spam")  # class index = position: 0 ham, 1 spam (the positive class)
 SMS_MEMBER = "SMSSpamCollection"  # the one member we take from the UCI zip
@@ -153,47 +154,6 @@ class Split:
 # Model: GPT-2 with a 2-class head; the parts that train; LoRA
 
 TRAINABLE = ("last_block", "last_two_blocks", "all", "head", "lora")
-
-
-class LoRALinear(nn.Module):
-    """A frozen nn.Linear plus a trainable low-rank update: W x + b + (alpha / rank) * B A x (Hu et al., 2021).
-
-    A (rank, in) starts like nn.Linear's own weights and B (out, rank) at zero, so training starts
-    from exactly the pretrained function and only rank * (in + out) numbers train per matrix."""
-
-    def __init__(self, base: nn.Linear, rank: int, alpha: float):
-        super().__init__()
-        self.base = base
-        self.A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
-        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
-        self.B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
-        self.scale = alpha / rank
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + F.linear(F.linear(x, self.A), self.B) * self.scale  # via the (..., rank) bottleneck
-
-    def merged(self) -> nn.Linear:
-        """The base Linear with the update folded into its weight: same outputs, no extra matmuls."""
-        with torch.no_grad():
-            self.base.weight += self.scale * (self.B @ self.A)
-        return self.base
-
-
-def add_lora(model: GPT, rank: int, alpha: float) -> None:
-    """Wrap every matrix of every block (attention q/k/v and output, both MLP layers) in LoRALinear."""
-    for block in model.transformer.h:
-        for parent, name in ((block.attn, "c_attn"), (block.attn, "c_proj"), (block.mlp, "c_fc"),
-                             (block.mlp, "c_proj")):
-            setattr(parent, name, LoRALinear(getattr(parent, name), rank, alpha))
-
-
-def merge_lora(model: GPT) -> None:
-    """Replace each LoRALinear by its merged Linear, so the model is a plain GPT again (its state_dict
-    has GPT's own keys and load_checkpoint reads it)."""
-    for module in list(model.modules()):
-        for name, child in module.named_children():
-            if isinstance(child, LoRALinear):
-                setattr(module, name, child.merged())
 
 
 def make_classifier(model: GPT, trainable: str, lora_rank: int, lora_alpha: float) -> int:
@@ -585,7 +545,4 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except UserError as e:
-        sys.exit(f"error: {e}")
+    run_stage(main, parse_args)

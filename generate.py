@@ -15,9 +15,9 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from load_gpt2 import device_and_dtype, load_model
-from model import DTYPES, GPT, KVCache
-from tokenizer import UserError, get_tokenizer
+from load_gpt2 import load_model
+from model import DTYPES, GPT, KVCache, device_and_dtype
+from tokenizer import UserError, get_tokenizer, run_stage
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -307,9 +307,4 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except UserError as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:  # Ctrl-C ends an interactive session without a traceback
-        sys.exit(130)
+    run_stage(main, parse_args)

@@ -18,7 +18,6 @@ import math
 import mmap
 import os
 import struct
-import sys
 import time
 from pathlib import Path
 
@@ -26,8 +25,9 @@ import numpy as np
 import requests
 import torch
 
-from model import GPT, GPTConfig, PRESETS, get_config, load_checkpoint, resolve_device, resolve_dtype, unwrap
-from tokenizer import DownloadError, UserError, cache_dir, download, get_tokenizer
+from model import GPT, GPTConfig, PRESETS, add_device_args, device_and_dtype, get_config, load_checkpoint, unwrap
+from tokenizer import (ArgumentParser, DownloadError, UserError, cache_dir, download, get_tokenizer, positive_int,
+                       run_stage)
 
 # ---------------------------------------------------------------------------------------------------
 # Safetensors, read and written with numpy. The format: an 8-byte little-endian header length N,
@@ -426,16 +426,6 @@ def is_checkpoint(path: Path) -> bool:
         raise UserError(f"cannot read {path}: {e.strerror or e}") from None
 
 
-def device_and_dtype(device_name: str, dtype_name: str) -> tuple[torch.device, torch.dtype]:
-    """The --device and --dtype flags of every stage as torch objects; UserError for a bad name or a
-    device this machine lacks."""
-    try:
-        device = resolve_device(device_name)
-        return device, resolve_dtype(dtype_name, device)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-
-
 def load_model(init: str, *, preset: str | None = None, device: torch.device | str = "cpu",
                dtype: torch.dtype = torch.float32) -> tuple[GPT, dict]:
     """The model a stage starts from, and the checkpoint's extra entries ({} unless init is a checkpoint).
@@ -461,6 +451,21 @@ def load_model(init: str, *, preset: str | None = None, device: torch.device | s
             raise UserError(str(e)) from None
         return model.to(dtype), extra
     return load_gpt2(init, device, dtype), {}
+
+
+def tokenizer_for(init: str, preset: str | None = None, extra: dict | None = None):
+    """The tokenizer of the model that load_model(init, preset=preset) returns (extra: the
+    checkpoint's entries it returned): encode, encode_ordinary, decode, n_vocab, eot_token, bos_id
+    and eos_id. GPT-2's BPE for GPT-2 names, presets and checkpoints."""
+    return get_tokenizer()
+
+
+def add_init_args(parser: argparse.ArgumentParser, default: str, what: str = "starting weights") -> None:
+    """--init and --preset, defined once for every stage that loads a model."""
+    parser.add_argument("--init", default=default,
+                        help=f"{what}: a GPT-2 name ({', '.join(GPT2_REPOS)}), one of our checkpoints (.pt), "
+                             "a Hub-layout folder or model.safetensors, or 'random' (a new model of --preset)")
+    parser.add_argument("--preset", default=None, choices=list(PRESETS), help="model size for --init random")
 
 
 def hf_config(config: GPTConfig, dtype: torch.dtype) -> dict:
@@ -508,52 +513,44 @@ def export_hf(model: torch.nn.Module, out_dir: str | Path) -> Path:
 # Command line
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", "--init", dest="model", default="gpt2",
-                        help=f"{', '.join(GPT2_REPOS)}, a model.safetensors file or Hub-layout folder, "
-                             "one of our checkpoints (.pt), or 'random' with --preset")
-    parser.add_argument("--preset", default=None, help=f"architecture for --model random: {', '.join(PRESETS)}")
-    parser.add_argument("--prompt", default="Hello, I'm a language model,", help="text to continue greedily")
-    parser.add_argument("--max-new-tokens", type=int, default=20)
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_init_args(parser, "gpt2", "the model to load")
+    parser.add_argument("--model", dest="init", help="the same as --init")
+    parser.add_argument("--prompt", default="Hello, I'm a language model,",
+                        help="text whose most likely next tokens are shown, a check that the weights work")
+    parser.add_argument("--top", type=positive_int, default=5, help="how many next tokens to show")
     parser.add_argument("--export", type=Path, default=None,
-                        help="write the model to this folder in the Hub's layout instead of generating")
-    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device name")
-    parser.add_argument("--dtype", default="auto", help="auto (bfloat16 on a GPU that has it, else float32), "
-                                                       "float32, bfloat16 or float16")
+                        help="write the model to this folder in the Hub's layout instead")
+    add_device_args(parser)
     return parser.parse_args(argv)
 
 
 def main(args: argparse.Namespace) -> dict:
     device, dtype = device_and_dtype(args.device, args.dtype)
     start = time.perf_counter()
-    model, _ = load_model(args.model, preset=args.preset, device=device, dtype=dtype)
+    model, extra = load_model(args.init, preset=args.preset, device=device, dtype=dtype)
     load_seconds = time.perf_counter() - start
-    result = {"model": str(args.model), "params": model.num_params(), "load_seconds": load_seconds}
-    print(f"{args.model}: {result['params']:,} parameters, {dtype}, {device}, loaded in {load_seconds:.2f} s")
+    result = {"model": str(args.init), "params": model.num_params(), "load_seconds": load_seconds}
+    print(f"{args.init}: {result['params']:,} parameters, {dtype}, {device}, loaded in {load_seconds:.2f} s")
     if args.export is not None:
         export_hf(model, args.export)
         print(f"exported to {args.export} (config.json, model.safetensors)")
         return {**result, "export": str(args.export)}
-
-    from generate import generate  # lazily: generate.py imports this module at its top
-
-    tokenizer = get_tokenizer()
-    ids = tokenizer.encode(args.prompt)
+    if model.config.num_classes is not None:
+        return result
+    tokenizer = tokenizer_for(args.init, args.preset, extra)
+    ids = tokenizer.encode_ordinary(args.prompt)[-model.config.block_size:]
     if not ids or max(ids) >= model.config.vocab_size:
         raise UserError(f"the prompt must encode to 1 or more of the model's {model.config.vocab_size} token ids")
-    if len(ids) + args.max_new_tokens > model.config.block_size:
-        raise UserError(f"the prompt's {len(ids)} tokens plus --max-new-tokens {args.max_new_tokens} exceed "
-                        f"the model's context of {model.config.block_size} tokens")
-    model.eval()
-    prompt = torch.tensor([ids], device=device)  # (1, T)
-    new_ids = [int(t[0]) for t in generate(model, prompt, args.max_new_tokens, temperature=0.0)]  # t: (1,)
-    text = tokenizer.decode(new_ids)
-    print(f"{args.prompt}{text}")
-    return {**result, "new_tokens": new_ids, "text": text}
+    with torch.no_grad():
+        logits, _ = model.eval()(torch.tensor([ids], device=device), last_only=True)  # (1, 1, V)
+    probs = logits[0, -1].float().softmax(-1)
+    top = probs.topk(min(args.top, probs.numel()))
+    nexts = [(tokenizer.decode([int(i)]), float(p)) for p, i in zip(top.values, top.indices)]
+    print(f"after {args.prompt!r} the model expects: " + ", ".join(f"{t!r} {p:.1%}" for t, p in nexts)
+          + "\n(python generate.py --init ... --prompt ... writes whole continuations)")
+    return {**result, "next_tokens": nexts}
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except UserError as e:
-        sys.exit(f"error: {e}")
+    run_stage(main, parse_args)

@@ -8,6 +8,7 @@ then the helpers the stage scripts share (optimizer, checkpoints, device and dty
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import os
@@ -278,6 +279,52 @@ class GPT(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------
+# LoRA: low-rank adapters on the block matrices, shared by both finetuning stages
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear plus a trainable low-rank update: W x + b + (alpha / rank) * B A x (Hu et al., 2021).
+
+    A (rank, in) starts like nn.Linear's own weights and B (out, rank) at zero, so training starts
+    from exactly the pretrained function and only rank * (in + out) numbers train per matrix."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        self.B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+        self.scale = alpha / rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + F.linear(F.linear(x, self.A), self.B) * self.scale  # via the (..., rank) bottleneck
+
+    def merged(self) -> nn.Linear:
+        """The base Linear with the update folded into its weight: same outputs, no extra matmuls."""
+        with torch.no_grad():
+            self.base.weight += self.scale * (self.B.to(self.base.weight.dtype) @ self.A.to(self.base.weight.dtype))
+        return self.base
+
+
+def add_lora(model: GPT, rank: int, alpha: float) -> None:
+    """Wrap every matrix of every block (attention's fused q/k/v and output projections, both MLP
+    matrices) in a LoRALinear: those matrices freeze and their adapters train. What else trains (the
+    norms, the head) is the caller's choice."""
+    for block in model.transformer.h:
+        for parent, name in ((block.attn, "c_attn"), (block.attn, "c_proj"), (block.mlp, "c_fc"),
+                             (block.mlp, "c_proj")):
+            setattr(parent, name, LoRALinear(getattr(parent, name), rank, alpha))
+
+
+def merge_lora(model: GPT) -> None:
+    """Replace each LoRALinear by its merged Linear, so the model is a plain GPT again (its state_dict
+    has GPT's own keys and load_checkpoint reads it)."""
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, LoRALinear):
+                setattr(module, name, child.merged())
+
+
+# ---------------------------------------------------------------------------------------------------
 # Checkpoints: (config, state_dict) of the unwrapped model, loaded with weights_only=True.
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -371,6 +418,32 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}; choose one of auto, {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+def device_and_dtype(device_name: str, dtype_name: str) -> tuple[torch.device, torch.dtype]:
+    """The --device and --dtype flags as torch objects; ValueError for a bad name or a missing device."""
+    device = resolve_device(device_name)
+    return device, resolve_dtype(dtype_name, device)
+
+
+def device_flag(name: str) -> str:
+    """An argparse type for --device: checked when the command line is parsed, so that a machine
+    without the device says so before any work starts. The name itself is kept (under torchrun,
+    pretrain.py turns 'cuda' into each process's own GPU)."""
+    try:
+        resolve_device(name)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return name
+
+
+def add_device_args(parser: argparse.ArgumentParser, dtypes: tuple[str, ...] = ("auto", *DTYPES),
+                    dtype_help: str = "weights and compute") -> None:
+    """--device and --dtype, defined once for every stage."""
+    parser.add_argument("--device", type=device_flag, default="auto",
+                        help="auto picks cuda, then mps, then cpu; or a torch device: cpu, cuda, cuda:1, mps")
+    parser.add_argument("--dtype", default="auto", choices=dtypes,
+                        help=f"{dtype_help}; auto is bfloat16 on a GPU that supports it, float32 elsewhere")
 
 
 def autocast(device: torch.device, dtype: torch.dtype):

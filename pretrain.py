@@ -21,7 +21,6 @@ import os
 import re
 import shutil
 import signal
-import sys
 import threading
 import time
 from contextlib import nullcontext
@@ -37,7 +36,7 @@ from generate import generate
 from load_gpt2 import load_model
 from model import (DTYPES, GPT, PRESETS, autocast, get_config, load_checkpoint, resolve_device,
                    resolve_dtype, save_checkpoint)
-from tokenizer import UserError, load_tokens, prepare_corpus, sample_windows
+from tokenizer import UserError, load_tokens, prepare_corpus, run_stage, sample_windows
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -567,12 +566,4 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        metrics = main(parse_args())
-    except UserError as e:
-        # Under torchrun every process meets the same error; one message is enough.
-        sys.exit(f"error: {e}" if os.environ.get("RANK", "0") == "0" else 1)
-    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
-        sys.exit("interrupted without saving")
-    if metrics["interrupted"]:
-        sys.exit(130)  # the shell's convention for "stopped by Ctrl-C"
+    run_stage(main, parse_args)

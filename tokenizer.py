@@ -14,6 +14,7 @@ import glob
 import hashlib
 import heapq
 import json
+import math
 import os
 import sys
 import tempfile
@@ -37,6 +38,171 @@ class UserError(Exception):
 
 class DownloadError(UserError):
     """A file could not be downloaded or did not verify."""
+
+
+# ----------------------------------------------------------------------------------------------
+# How every stage script starts and ends. tokenizer.py is the lowest layer (it imports nothing of
+# ours), so the rules every stage shares live here: flags checked when parsed, one sentence and
+# exit 1 for a user's mistake, 130 on Ctrl-C, files replaced atomically, run folders locked.
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with two house rules: every -h shows the defaults, and a bad flag raises UserError
+    (one line on stderr and exit 1, through run_stage) instead of printing the usage and exiting 2."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see: python {self.prog} --help)")
+
+
+def _number_flag(convert, test, wanted: str):
+    """An argparse type: text -> number, refused (naming the flag, through argparse) unless test holds."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or (isinstance(value, float) and not math.isfinite(value)) or not test(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {wanted}")
+        return value
+    parse.__name__ = wanted  # argparse names the type in some messages
+    return parse
+
+
+positive_int = _number_flag(int, lambda v: v >= 1, "a whole number of at least 1")
+non_negative_int = _number_flag(int, lambda v: v >= 0, "a whole number of at least 0")
+positive_float = _number_flag(float, lambda v: v > 0, "a finite number above 0")
+non_negative_float = _number_flag(float, lambda v: v >= 0, "a finite number of at least 0")
+unit_interval = _number_flag(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+
+def describe_os_error(e: OSError) -> str:
+    """An OSError as a short phrase that names the file: 'out/x: Permission denied'."""
+    where = f"{e.filename}: " if e.filename else ""
+    return f"{where}{e.strerror or type(e).__name__}"
+
+
+def run_stage(main, parse_args) -> None:
+    """Run a stage script, main(parse_args()), and end it the one way every stage ends.
+
+    A UserError (a bad flag, a missing file) or an OSError (a disk full, a folder not writable) prints
+    one line, `error: <sentence>`, and exits 1, never a traceback; Ctrl-C exits 130, as does a run
+    whose result says it was interrupted (after saving what it had). Under torchrun only rank 0
+    prints: every process meets the same error. Anything else is a bug and keeps its traceback."""
+    speaks = os.environ.get("RANK", "0") == "0"
+    try:
+        result = main(parse_args())
+    except UserError as e:
+        sys.exit(f"error: {' '.join(str(e).split())}" if speaks else 1)
+    except BrokenPipeError:  # the reader went away (`| head`): not an error worth a message
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+    except OSError as e:
+        sys.exit(f"error: {describe_os_error(e)}" if speaks else 1)
+    except KeyboardInterrupt:
+        if speaks:
+            print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)
+    if isinstance(result, dict) and result.get("interrupted"):
+        sys.exit(130)  # the shell's convention for "stopped by Ctrl-C"
+
+
+def atomic_write(path: str | Path, data: str | bytes) -> Path:
+    """Write data to path through a temporary file and a rename: a crash leaves the old file or the
+    new one, never half of one. Text is written as UTF-8."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def writable_folder(path: str | Path, flag: str = "--out-dir") -> Path:
+    """Create the folder if needed and check that files can be written in it, before any work starts;
+    UserError naming the flag otherwise (a run should not find out after an hour of training)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {path} is a file, not a folder; name a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise UserError(f"{flag} {path} is not a writable folder ({e.strerror or e}); name another one") from None
+    return path
+
+
+class RunLock:
+    """A run folder's lock, held while a run writes there: a second run into the same folder stops at
+    once, naming the running one, instead of interleaving its files with the first run's.
+
+    The lock is an OS file lock (flock) on OUT_DIR/.lock, which the OS drops when its process dies,
+    so a lock left by a killed run is simply taken over; the file records who held it, for messages."""
+
+    def __init__(self, folder: str | Path):
+        self.path = Path(folder) / ".lock"
+        self.file = None
+
+    def __enter__(self) -> "RunLock":
+        try:
+            self.file = open(self.path, "a+")
+        except OSError as e:
+            raise UserError(f"cannot create the lock {self.path} ({e.strerror or e})") from None
+        self.file.seek(0)
+        previous = self.file.read().strip()
+        if not _try_lock(self.file):
+            self.file.close()
+            self.file = None
+            holder = f" ({previous})" if previous else ""
+            raise UserError(f"{self.path.parent} is in use by another run{holder}; wait for it to finish, stop it, "
+                            f"or choose another --out-dir")
+        if previous:
+            print(f"note: taking over {self.path}, left by a run that ended without releasing it ({previous})",
+                  file=sys.stderr)
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()} on {_hostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                        f"{' '.join(sys.argv)}")
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.file is not None:
+            self.file.seek(0)
+            self.file.truncate()  # empty: released properly, so the next run has nothing to report
+            self.file.close()  # closing drops the OS lock
+            self.file = None
+
+
+def _try_lock(file) -> bool:
+    """Take an exclusive, non-blocking OS lock on an open file; False if another process holds it."""
+    try:
+        import fcntl
+        try:
+            fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+    except ImportError:  # Windows
+        import msvcrt
+        try:
+            msvcrt.locking(file.fileno(), msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        return True
+
+
+def _hostname() -> str:
+    import socket
+    return socket.gethostname()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,10 +292,11 @@ def _request_problem(e: requests.RequestException) -> str:
     return type(e).__name__
 
 
-def _stream(url: str, f, label: str) -> tuple[int, int | None]:
+def _stream(url: str, f, label: str, headers: dict[str, str] | None = None) -> tuple[int, int | None]:
     """Write the body of `url` to the open file `f`; returns (bytes received, Content-Length or None)."""
     # identity encoding: Content-Length is then the file's size, which tells a cut-off transfer
-    with requests.get(url, stream=True, timeout=(10, 60), headers={"Accept-Encoding": "identity"}) as response:
+    headers = {"Accept-Encoding": "identity", **(headers or {})}
+    with requests.get(url, stream=True, timeout=(10, 60), headers=headers) as response:
         response.raise_for_status()
         length = response.headers.get("Content-Length")
         expected = int(length) if length is not None and length.isdigit() else None
@@ -148,8 +315,8 @@ def _stream(url: str, f, label: str) -> tuple[int, int | None]:
 
 
 def download(url: str, relpath: str, *, sha256: str | None = None, size: int | None = None,
-             cache: Path | None = None) -> Path:
-    """Fetch `url` once into cache/relpath and return that path.
+             cache: Path | None = None, headers: dict[str, str] | None = None) -> Path:
+    """Fetch `url` once into cache/relpath and return that path (headers: e.g. an access token).
 
     A cached file that verifies (sha256 when known, else size) is returned without touching the
     network; a cached file that fails its check is fetched again. The body streams into a temporary
@@ -174,7 +341,7 @@ def download(url: str, relpath: str, *, sha256: str | None = None, size: int | N
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as f:
-            got, expected = _stream(url, f, f"downloading {dest.name}")
+            got, expected = _stream(url, f, f"downloading {dest.name}", headers)
         if expected is not None and got != expected:
             raise failure(f"the transfer ended after {got} of {expected} bytes")
         problem = _file_problem(tmp, sha256, size)
@@ -321,6 +488,14 @@ class BPETokenizer:
     @property
     def eot_token(self) -> int:
         return self.special_tokens[ENDOFTEXT]
+
+    # What every tokenizer of the project offers (see load_tokenizer): GPT-2 puts nothing before a
+    # text, and its one special token, <|endoftext|>, ends one.
+    bos_id = None
+
+    @property
+    def eos_id(self) -> int:
+        return self.eot_token
 
     # -- training ------------------------------------------------------------------------------
 
@@ -515,25 +690,36 @@ class BPETokenizer:
 BACKENDS = ("tiktoken", "scratch")
 
 
-def get_tokenizer(backend: str = "tiktoken") -> "tiktoken.Encoding | BPETokenizer":
+def get_tokenizer(backend: str = "tiktoken") -> "TiktokenGPT2 | BPETokenizer":
     """GPT-2's tokenizer, built once per backend from the cached GPT-2 files.
 
     "tiktoken" is fast (Rust); "scratch" is BPETokenizer above and gives the same ids. Both offer
-    encode(text, allowed_special=...), encode_ordinary, decode(ids), eot_token and n_vocab."""
+    encode(text, allowed_special=...), encode_ordinary, decode(ids), eot_token, n_vocab, bos_id (None)
+    and eos_id (<|endoftext|>)."""
     if backend not in BACKENDS:
         raise UserError(f"unknown tokenizer backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     return _build_tokenizer(backend)
 
 
+class TiktokenGPT2(tiktoken.Encoding):
+    """tiktoken's Encoding with the two ids every tokenizer of the project names: no BOS, and
+    <|endoftext|> as EOS."""
+    bos_id = None
+
+    @property
+    def eos_id(self) -> int:
+        return self.eot_token
+
+
 @functools.lru_cache(maxsize=None)
-def _build_tokenizer(backend: str) -> "tiktoken.Encoding | BPETokenizer":
+def _build_tokenizer(backend: str) -> "TiktokenGPT2 | BPETokenizer":
     if backend == "scratch":
         return BPETokenizer.from_gpt2_files()
     ranks, special = read_gpt2_files(fetch("gpt2/encoder.json"), fetch("gpt2/vocab.bpe"))
     # Built from our cached files rather than tiktoken.get_encoding("gpt2"), which would download
     # them again into its own cache.
-    return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
-                             special_tokens=special, explicit_n_vocab=len(ranks) + len(special))
+    return TiktokenGPT2(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                        special_tokens=special, explicit_n_vocab=len(ranks) + len(special))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -845,7 +1031,4 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except UserError as e:
-        sys.exit(f"error: {e}")
+    run_stage(main, parse_args)

@@ -13,7 +13,7 @@ import torch
 
 import finetune_spam as fs
 from load_gpt2 import load_model
-from model import load_checkpoint
+from model import LoRALinear, load_checkpoint
 from tokenizer import DownloadError, UserError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -130,7 +130,7 @@ def test_last_token_block_equals_full_block(tiny_model):
 
 def test_lora_merge_keeps_outputs():
     torch.manual_seed(0)
-    layer = fs.LoRALinear(torch.nn.Linear(16, 8), rank=4, alpha=8.0)
+    layer = LoRALinear(torch.nn.Linear(16, 8), rank=4, alpha=8.0)
     torch.nn.init.normal_(layer.B)  # as after training; at init B = 0 and the update is zero
     x = torch.randn(5, 16)
     with torch.no_grad():

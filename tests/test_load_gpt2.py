@@ -408,11 +408,12 @@ def test_main_exports_a_checkpoint(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
 
 
-def test_cli_generates_from_a_local_folder(tmp_path):
+def test_cli_shows_next_tokens_from_a_local_folder(tmp_path):
     export_hf(load_gpt2.GPT(get_config("tiny")), tmp_path)
-    result = run_cli("--model", str(tmp_path), "--prompt", "Hello", "--max-new-tokens", "3", "--device", "cpu")
+    result = run_cli("--model", str(tmp_path), "--prompt", "Hello", "--top", "3", "--device", "cpu")
     assert result.returncode == 0, result.stderr
-    assert "3,320,640 parameters" in result.stdout and "Hello" in result.stdout
+    assert "3,320,640 parameters" in result.stdout and "after 'Hello' the model expects:" in result.stdout
+    assert result.stdout.count("%") == 3
 
 
 def test_cli_user_error_is_one_line(tmp_path):
