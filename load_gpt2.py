@@ -26,7 +26,7 @@ import requests
 import torch
 
 from model import GPT, GPTConfig, PRESETS, add_device_args, device_and_dtype, get_config, load_checkpoint, unwrap
-from tokenizer import (ArgumentParser, DownloadError, UserError, cache_dir, download, get_tokenizer, positive_int,
+from tokenizer import (HUB_URL, ArgumentParser, DownloadError, UserError, cache_dir, download, get_tokenizer, positive_int,
                        run_stage)
 
 # ---------------------------------------------------------------------------------------------------
@@ -198,7 +198,6 @@ GPT2_REPOS = {
     "gpt2-large": "openai-community/gpt2-large",
     "gpt2-xl": "openai-community/gpt2-xl",
 }
-HUB_URL = "https://huggingface.co/{repo}/resolve/main/{filename}"
 HUB_TREE_API = "https://huggingface.co/api/models/{repo}/tree/main"
 # (size, sha256) of Hub files whose digests were confirmed by several independent sources; for the
 # other files the Hub's API is asked (its lfs.oid is the file's sha256) before the first download.

@@ -224,8 +224,20 @@ SMS_SPAM_ZIP_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+colle
 # the zip's hash is not published; this is the hash of its member SMSSpamCollection once extracted
 SMS_SPAM_SHA256 = "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d"
 
+INSTRUCTION_DATA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/"
+                        "instruction-data.json")
+INSTRUCTION_DATA_SHA256 = "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944"
+# Hugging Face Hub files live under hf/<repo>/<file> in the cache, whichever stage fetches them.
+HUB_URL = "https://huggingface.co/{repo}/resolve/main/{filename}"
+MISTRAL_REPO = "mistralai/Mistral-7B-v0.1"  # gated: the Hub asks for an access token (HF_TOKEN)
+MISTRAL_TOKENIZER_SHA256 = "dadfd56d766715c61d2ef780a525ab43b8e6da4de6865bda3d95fdef5e134055"
+HF_TOKEN_ENV = "HF_TOKEN"
+
 # path under cache_dir() -> (url, sha256 or None): the files any stage may fetch by name
 KNOWN_FILES: dict[str, tuple[str, str | None]] = {
+    "instruct/instruction-data.json": (INSTRUCTION_DATA_URL, INSTRUCTION_DATA_SHA256),
+    f"hf/{MISTRAL_REPO}/tokenizer.model": (HUB_URL.format(repo=MISTRAL_REPO, filename="tokenizer.model"),
+                                           MISTRAL_TOKENIZER_SHA256),
     "gpt2/encoder.json": (GPT2_ENCODER_URL, GPT2_ENCODER_SHA256),
     "gpt2/vocab.bpe": (GPT2_VOCAB_URL, GPT2_VOCAB_SHA256),
     "text/tinyshakespeare.txt": (TINYSHAKESPEARE_URL, TINYSHAKESPEARE_SHA256),
@@ -279,8 +291,21 @@ def _file_problem(path: Path, sha256: str | None, size: int | None) -> str | Non
     return None
 
 
+def hub_headers() -> dict[str, str]:
+    """The Hugging Face Hub's access token from $HF_TOKEN, as a request header; {} without one.
+
+    Gated repos (Mistral's, Meta's Llama) serve their files only to accounts that accepted the
+    licence on the repo's page, identified by such a token."""
+    token = os.environ.get(HF_TOKEN_ENV, "").strip()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def _request_problem(e: requests.RequestException) -> str:
     """A short reason for a failed request (requests' own messages run over several lines)."""
+    if isinstance(e, requests.HTTPError) and e.response.status_code in (401, 403):
+        token = "the token in $HF_TOKEN was refused" if os.environ.get(HF_TOKEN_ENV) else "no $HF_TOKEN is set"
+        return (f"the server refused access (HTTP {e.response.status_code}; {token}): a gated Hugging Face repo "
+                f"needs its licence accepted on its page and HF_TOKEN set to an access token of that account")
     if isinstance(e, requests.HTTPError):
         return f"the server answered HTTP {e.response.status_code}"
     if isinstance(e, requests.Timeout):
@@ -363,7 +388,8 @@ def fetch(relpath: str, cache: Path | None = None) -> Path:
     if relpath not in KNOWN_FILES:
         raise UserError(f"unknown file {relpath!r}; known files are {', '.join(KNOWN_FILES)}")
     url, sha256 = KNOWN_FILES[relpath]
-    return download(url, relpath, sha256=sha256, cache=cache)
+    headers = hub_headers() if url.startswith("https://huggingface.co/") else None
+    return download(url, relpath, sha256=sha256, cache=cache, headers=headers)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -688,6 +714,11 @@ class BPETokenizer:
 # The one way stages get GPT-2's tokenizer
 
 BACKENDS = ("tiktoken", "scratch")
+
+
+def bos(tokenizer) -> list[int]:
+    """What a text starts with for this tokenizer's model family: [bos_id], or [] (GPT-2)."""
+    return [] if tokenizer.bos_id is None else [tokenizer.bos_id]
 
 
 def get_tokenizer(backend: str = "tiktoken") -> "TiktokenGPT2 | BPETokenizer":

@@ -22,6 +22,8 @@ SEED_FILES = [
     ("text/tinyshakespeare.txt", "text/tinyshakespeare.txt"),
     ("text/the-verdict.txt", "text/the-verdict.txt"),
     ("sms_spam/SMSSpamCollection", "sms_spam/SMSSpamCollection"),
+    ("instruct/instruction-data.json", "instruct/instruction-data.json"),
+    ("mistral/tokenizer.model", "hf/mistralai/Mistral-7B-v0.1/tokenizer.model"),
 ]
 
 
