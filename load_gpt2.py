@@ -427,11 +427,14 @@ def is_checkpoint(path: Path) -> bool:
 
 def load_model(init: str, *, preset: str | None = None, device: torch.device | str = "cpu",
                dtype: torch.dtype = torch.float32) -> tuple[GPT, dict]:
-    """The model a stage starts from, and the checkpoint's extra entries ({} unless init is a checkpoint).
+    """The model a stage starts from, and what else is known about it.
 
     init: "random" (a fresh GPT of `preset`, which is then required), a GPT-2 name, one of our
     checkpoints (save_checkpoint's .pt), or a Hub-layout folder or model.safetensors. A checkpoint or
-    GPT-2 weights bring their own architecture, so `preset` is only read for "random"."""
+    GPT-2 weights bring their own architecture, so `preset` is only read for "random".
+
+    The dict holds a checkpoint's extra entries, and always the model's card (see model_card):
+    "model_type", the Hub's name of its family, and "tokenizer", where its tokenizer comes from."""
     if init == "random":
         if preset is None:
             raise UserError(f"a random model needs a preset: one of {', '.join(PRESETS)}")
@@ -441,21 +444,27 @@ def load_model(init: str, *, preset: str | None = None, device: torch.device | s
             raise UserError(str(e)) from None
         with torch.device(device):  # initialise where the model will live
             model = GPT(config)
-        return model.to(dtype), {}
+        return model.to(dtype), {"model_type": "gpt2", "tokenizer": "gpt2"}
     path = Path(init)
     if init not in GPT2_REPOS and path.is_file() and is_checkpoint(path):
         try:
             model, extra = load_checkpoint(path, device)
         except ValueError as e:
             raise UserError(str(e)) from None
-        return model.to(dtype), extra
-    return load_gpt2(init, device, dtype), {}
+        # checkpoints written before cards existed are GPT-2's
+        return model.to(dtype), {"model_type": "gpt2", "tokenizer": "gpt2", **extra}
+    return load_gpt2(init, device, dtype), {"model_type": "gpt2", "tokenizer": "gpt2"}
 
 
-def tokenizer_for(init: str, preset: str | None = None, extra: dict | None = None):
-    """The tokenizer of the model that load_model(init, preset=preset) returns (extra: the
-    checkpoint's entries it returned): encode, encode_ordinary, decode, n_vocab, eot_token, bos_id
-    and eos_id. GPT-2's BPE for GPT-2 names, presets and checkpoints."""
+def model_card(extra: dict) -> dict:
+    """What a stage saves with a checkpoint so that its users find the model's family and tokenizer
+    again: save_checkpoint(path, model, **model_card(extra), ...) with extra from load_model."""
+    return {"model_type": extra["model_type"], "tokenizer": extra["tokenizer"]}
+
+
+def tokenizer_for(extra: dict):
+    """The tokenizer of the model load_model returned with `extra`: an object with encode,
+    encode_ordinary, decode, n_vocab, eot_token, bos_id and eos_id (see tokenizer.py)."""
     return get_tokenizer()
 
 
@@ -537,7 +546,7 @@ def main(args: argparse.Namespace) -> dict:
         return {**result, "export": str(args.export)}
     if model.config.num_classes is not None:
         return result
-    tokenizer = tokenizer_for(args.init, args.preset, extra)
+    tokenizer = tokenizer_for(extra)
     ids = tokenizer.encode_ordinary(args.prompt)[-model.config.block_size:]
     if not ids or max(ids) >= model.config.vocab_size:
         raise UserError(f"the prompt must encode to 1 or more of the model's {model.config.vocab_size} token ids")
