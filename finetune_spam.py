@@ -17,6 +17,7 @@ final block runs at the last token only (see `last_token_block`).
 import argparse
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import os
@@ -30,10 +31,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from load_gpt2 import load_model
-from model import (GPT, Block, add_lora, autocast, device_and_dtype, load_checkpoint,
+from load_gpt2 import add_init_args, load_model, model_card, tokenizer_for
+from model import (GPT, Block, add_device_args, add_lora, autocast, device_and_dtype,
                    merge_lora, save_checkpoint)
-from tokenizer import SMS_SPAM_SHA256, DownloadError, UserError, cache_dir, fetch, get_tokenizer, run_stage
+from tokenizer import (SMS_SPAM_SHA256, ArgumentParser, DownloadError, RunLock, UserError, atomic_write, bos, cache_dir,
+                       fetch, positive_float, positive_int, non_negative_float, run_stage, writable_folder)
 
 LABELS = ("ham", "spam")  # class index = position: 0 ham, 1 spam (the positive class)
 SMS_MEMBER = "SMSSpamCollection"  # the one member we take from the UCI zip
@@ -312,15 +314,53 @@ def format_metrics(m: dict) -> str:
 # ---------------------------------------------------------------------------------------------------
 # Training
 
+STATE_FILE = "state.pt"  # the run's state after its last finished epoch, for --resume
+# Flags that change what a resumed run computes; --epochs may grow, --device or --eval-every may change.
+RESUME_MUST_MATCH = ("data", "init", "preset", "trainable", "lora_rank", "lora_alpha", "batch_size", "lr",
+                     "weight_decay", "seed", "dtype")
+
+
+def save_state(path: Path, trainable: list[tuple[str, torch.Tensor]], optimizer: torch.optim.Optimizer,
+               generator: torch.Generator, progress: dict, args: argparse.Namespace) -> None:
+    """Everything --resume needs after a finished epoch, written atomically.
+
+    Only the trainable weights: the frozen ones come back from --init (and the seed) exactly."""
+    buffer = io.BytesIO()
+    torch.save({"trainable": {name: p.detach().cpu() for name, p in trainable},
+                "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+                "args": vars(args), **progress}, buffer)
+    atomic_write(path, buffer.getvalue())
+
+
+def load_state(path: Path, args: argparse.Namespace) -> dict:
+    """The state saved by save_state, checked against this command's flags."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        saved_args = state["args"]
+    except FileNotFoundError:
+        raise UserError(f"--resume: {path} does not exist; start the run without --resume") from None
+    except Exception:  # truncated, not ours: unusable either way
+        raise UserError(f"--resume: {path} is not a readable training state; start again with --force") from None
+    changed = [name for name in RESUME_MUST_MATCH if saved_args.get(name) != getattr(args, name)]
+    if changed:
+        flags = ", ".join(f"--{n.replace('_', '-')} {saved_args.get(n)} (now {getattr(args, n)})" for n in changed)
+        raise UserError(f"--resume: the run in {path.parent} used {flags}; repeat the run's flags to resume it, "
+                        f"or start a new run with --force or another --out-dir")
+    return state
+
+
 def fit(model: GPT, splits: dict[str, Split], start: int, args: argparse.Namespace, device: torch.device,
-        dtype: torch.dtype, cache: bool) -> dict:
+        dtype: torch.dtype, cache: bool, state_path: Path, resumed: dict | None = None) -> dict:
     """Train with AdamW for args.epochs; keep the weights of the epoch with the best validation accuracy.
 
     cache: blocks below `start` are frozen and, with no dropout, deterministic, so the hidden states
     entering block `start` are the same every epoch. We compute them once per message (batched by
     length, no padding) and train only the top: the same losses as recomputing the whole model every
     step, for a fraction of the work (last_block on GPT-2 124M: 1 block per step instead of 12).
-    """
+
+    After each epoch the state goes to state_path (resumed: that state, to continue from). Ctrl-C
+    stops the run; the model then holds the best weights of the finished epochs, if any.
+    A loss that is not finite stops the run with a UserError."""
     t0 = time.perf_counter()
     if cache:
         for split in splits.values():
@@ -336,65 +376,97 @@ def fit(model: GPT, splits: dict[str, Split], start: int, args: argparse.Namespa
     steps_per_epoch = math.ceil(len(train.tokens) / args.batch_size)
     total_steps = args.epochs * steps_per_epoch
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    best = {"val_accuracy": -1.0, "val_loss": math.inf, "epoch": 0}
-    best_weights = {}
-    history, losses, step = [], [], 0
+    progress = {"epoch": 0, "step": 0, "history": [], "losses": [],
+                "best": {"val_accuracy": -1.0, "val_loss": math.inf, "epoch": 0}, "best_weights": {}}
+    if resumed is not None:
+        with torch.no_grad():
+            for name, p in trainable:
+                p.copy_(resumed["trainable"][name])
+        optimizer.load_state_dict(resumed["optimizer"])
+        generator.set_state(resumed["generator"])
+        progress = {key: resumed[key] for key in progress}
+        print(f"resuming after epoch {progress['epoch']} of {args.epochs}")
+    history, losses, best, best_weights = (progress[k] for k in ("history", "losses", "best", "best_weights"))
+    step, interrupted = progress["step"], False
     t_train = time.perf_counter()
-    for epoch in range(1, args.epochs + 1):
-        t_epoch, t_interval, interval_losses = time.perf_counter(), time.perf_counter(), []
-        order = torch.randperm(len(train.tokens), generator=generator).tolist()
-        for i in range(0, len(order), args.batch_size):
-            model.train()
-            index = order[i:i + args.batch_size]
-            with autocast(device, dtype):
-                logits = batch_logits(model, train, index, start, device)
-            loss = F.cross_entropy(logits.float(), train.labels[index].to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            losses.append(loss.item())
-            interval_losses.append(losses[-1])
-            if step % args.eval_every == 0 or step == total_steps:
-                _, val_loss = evaluate(model, splits["val"], start, args.batch_size, device, dtype)
-                ms = 1000 * (time.perf_counter() - t_interval) / len(interval_losses)
-                eta = ms / 1000 * (total_steps - step)
-                mean_loss = sum(interval_losses) / len(interval_losses)
-                print(f"epoch {epoch}/{args.epochs} step {step:5d}/{total_steps} | loss {mean_loss:.4f} "
-                      f"| val loss {val_loss:.4f} | {ms:6.1f} ms/step | {1000 * args.batch_size / ms:6.1f} msg/s "
-                      f"| eta {eta // 60:.0f}m{eta % 60:02.0f}s")
-                t_interval, interval_losses = time.perf_counter(), []
-        train_probs, train_loss = evaluate(model, train, start, args.batch_size, device, dtype)
-        val_probs, val_loss = evaluate(model, splits["val"], start, args.batch_size, device, dtype)
-        row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
-               "train_accuracy": classification_metrics(train_probs, train.labels)["accuracy"],
-               "val_accuracy": classification_metrics(val_probs, splits["val"].labels)["accuracy"],
-               "seconds": time.perf_counter() - t_epoch}
-        history.append(row)
-        improved = (row["val_accuracy"], -row["val_loss"]) > (best["val_accuracy"], -best["val_loss"])
-        if improved:  # best accuracy; among equal accuracies, lowest loss
-            best = {"val_accuracy": row["val_accuracy"], "val_loss": row["val_loss"], "epoch": epoch}
-            best_weights = {name: p.detach().clone() for name, p in trainable}
-        print(f"epoch {epoch}/{args.epochs} | train acc {row['train_accuracy']:7.2%} "
-              f"| val acc {row['val_accuracy']:7.2%} | val loss {val_loss:.4f} | {row['seconds']:.1f} s"
-              + ("  (best so far)" if improved else ""))
-    with torch.no_grad():
-        for name, p in trainable:
-            p.copy_(best_weights[name])
+    try:
+        for epoch in range(progress["epoch"] + 1, args.epochs + 1):
+            t_epoch, t_interval, interval_losses = time.perf_counter(), time.perf_counter(), []
+            order = torch.randperm(len(train.tokens), generator=generator).tolist()
+            for i in range(0, len(order), args.batch_size):
+                model.train()
+                index = order[i:i + args.batch_size]
+                with autocast(device, dtype):
+                    logits = batch_logits(model, train, index, start, device)
+                loss = F.cross_entropy(logits.float(), train.labels[index].to(device))
+                if not torch.isfinite(loss):
+                    kept = f"{state_path} holds the run after epoch {epoch - 1}" if epoch > 1 else "nothing was saved"
+                    raise UserError(f"the loss became {loss.item()} at epoch {epoch}, step {step + 1}, so training "
+                                    f"stopped; {kept} (try a lower --lr)")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+                losses.append(loss.item())
+                interval_losses.append(losses[-1])
+                if step % args.eval_every == 0 or step == total_steps:
+                    _, val_loss = evaluate(model, splits["val"], start, args.batch_size, device, dtype)
+                    ms = 1000 * (time.perf_counter() - t_interval) / len(interval_losses)
+                    eta = ms / 1000 * (total_steps - step)
+                    mean_loss = sum(interval_losses) / len(interval_losses)
+                    print(f"epoch {epoch}/{args.epochs} step {step:5d}/{total_steps} | loss {mean_loss:.4f} "
+                          f"| val loss {val_loss:.4f} | {ms:6.1f} ms/step | {1000 * args.batch_size / ms:6.1f} msg/s "
+                          f"| eta {eta // 60:.0f}m{eta % 60:02.0f}s")
+                    t_interval, interval_losses = time.perf_counter(), []
+            train_probs, train_loss = evaluate(model, train, start, args.batch_size, device, dtype)
+            val_probs, val_loss = evaluate(model, splits["val"], start, args.batch_size, device, dtype)
+            row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
+                   "train_accuracy": classification_metrics(train_probs, train.labels)["accuracy"],
+                   "val_accuracy": classification_metrics(val_probs, splits["val"].labels)["accuracy"],
+                   "seconds": time.perf_counter() - t_epoch}
+            history.append(row)
+            improved = math.isfinite(val_loss) and \
+                (row["val_accuracy"], -row["val_loss"]) > (best["val_accuracy"], -best["val_loss"])
+            if improved:  # best accuracy; among equal accuracies, lowest loss
+                best.update(val_accuracy=row["val_accuracy"], val_loss=row["val_loss"], epoch=epoch)
+                best_weights.update({name: p.detach().clone() for name, p in trainable})
+            print(f"epoch {epoch}/{args.epochs} | train acc {row['train_accuracy']:7.2%} "
+                  f"| val acc {row['val_accuracy']:7.2%} | val loss {val_loss:.4f} | {row['seconds']:.1f} s"
+                  + ("  (best so far)" if improved else ""))
+            progress.update(epoch=epoch, step=step)
+            save_state(state_path, trainable, optimizer, generator, progress, args)
+    except KeyboardInterrupt:  # a half-done step does not matter: the best weights below replace it
+        interrupted = True
+        print(f"\nCtrl-C: stopped in epoch {progress['epoch'] + 1}; {state_path} holds the run after epoch "
+              f"{progress['epoch']}" if progress["epoch"] else "\nCtrl-C: stopped before the first epoch ended")
+    if best_weights:
+        with torch.no_grad():
+            for name, p in trainable:
+                p.copy_(best_weights[name])
     return {"history": history, "best_epoch": best["epoch"], "losses": losses, "feature_seconds": feature_seconds,
-            "train_seconds": time.perf_counter() - t_train}
+            "train_seconds": time.perf_counter() - t_train, "interrupted": interrupted,
+            "epochs_done": progress["epoch"]}
 
 
-def prepare_splits(messages: list[tuple[int, str]], block_size: int) -> tuple[dict[str, Split], dict]:
+def message_ids(tokenizer, text: str, block_size: int) -> tuple[torch.Tensor, bool]:
+    """A message as its model reads it, (T,) int64, and whether it was cut to fit the context.
+
+    It starts as the model family's texts do (bos(tokenizer)); a longer one keeps that start and
+    its last tokens, which the classifier reads."""
+    start, ids = bos(tokenizer), tokenizer.encode_ordinary(text)
+    keep = block_size - len(start)
+    return torch.tensor(start + ids[-keep:]), len(ids) > keep
+
+
+def prepare_splits(messages: list[tuple[int, str]], tokenizer, block_size: int) -> tuple[dict[str, Split], dict]:
     """Balanced, split and tokenized data, and a summary of it."""
-    tokenizer = get_tokenizer()
     splits, n_truncated, lengths = {}, 0, []
     for name, part in balance_and_split(messages).items():
         tokens = []
         for _, text in part:
-            ids = tokenizer.encode_ordinary(text)
-            n_truncated += len(ids) > block_size
-            tokens.append(torch.tensor(ids[-block_size:]))
+            ids, truncated = message_ids(tokenizer, text, block_size)
+            tokens.append(ids)
+            n_truncated += truncated
             lengths.append(len(ids))
         splits[name] = Split(tokens, torch.tensor([label for label, _ in part]))
     summary = {"messages": len(messages), "spam": sum(label for label, _ in messages),
@@ -406,54 +478,62 @@ def prepare_splits(messages: list[tuple[int, str]], block_size: int) -> tuple[di
 def train_main(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     device, dtype = device_and_dtype(args.device, args.dtype)
-    if args.preset is not None and args.init != "random":
-        raise UserError(f"--preset only applies to --init random; {args.init} brings its own size")
-    data_path = Path(args.data) if args.data else default_data()
-    messages = load_messages(data_path)
-
-    torch.manual_seed(args.seed)  # random init, the new head, LoRA
-    try:
-        model, _ = load_model(args.init, preset=args.preset, device=device)
-    except DownloadError as e:
-        raise UserError(f"{e}; or train without downloading: --init random --preset mini --trainable all "
-                        f"--lr 3e-4 (a small model from scratch), or --init PATH to a local checkpoint or "
-                        f"model.safetensors") from None
-    start = make_classifier(model, args.trainable, args.lora_rank, args.lora_alpha)
-    model.to(device)
-    splits, data = prepare_splits(messages, model.config.block_size)
-    print(f"data: {data['messages']} messages ({data['spam']} spam) from {data_path}; balanced and split into "
-          f"train {data['train']}, val {data['val']}, test {data['test']}; "
-          f"{data['mean_tokens']:.1f} tokens on average, longest {data['max_tokens']}"
-          + (f" ({data['truncated']} kept their last {model.config.block_size})" if data["truncated"] else ""))
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"model: {args.init}{' ' + args.preset if args.preset else ''}, {model.num_params() / 1e6:.1f}M parameters; "
-          f"training {args.trainable}: {n_trainable / 1e6:.2f}M parameters on {device} "
-          f"({str(dtype).removeprefix('torch.')})")
-
-    # Caching needs a frozen bottom (start > 0) that gives the same output every epoch (no dropout).
-    cache = start > 0 and model.config.dropout == 0
-    result = fit(model, splits, start, args, device, dtype, cache)
-
-    merge_lora(model)  # a no-op unless --trainable lora; the test score is then the merged model's, as saved
-    probs, _ = evaluate(model, splits["test"], start, args.batch_size, device, dtype)
-    test = classification_metrics(probs, splits["test"].labels)
-    print(f"test ({data['test']} messages, weights of epoch {result['best_epoch']}):\n{format_metrics(test)}")
-
-    out_dir = Path(args.out_dir)
+    out_dir = writable_folder(args.out_dir)
     checkpoint = Path(args.checkpoint) if args.checkpoint else out_dir / "classifier.pt"
-    metrics = {"data": data, "init": args.init, "preset": args.preset, "trainable": args.trainable,
-               "trainable_params": n_trainable, "cached_features": cache, **result, "test": test,
-               "seconds": time.perf_counter() - t0, "checkpoint": str(checkpoint)}
-    try:
-        save_checkpoint(checkpoint, model, labels=list(LABELS), test=test, init=args.init, trainable=args.trainable)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = out_dir / "metrics.json.tmp"
-        tmp.write_text(json.dumps({k: v for k, v in metrics.items() if k != "losses"}, indent=2))
-        os.replace(tmp, out_dir / "metrics.json")
-    except OSError as e:
-        raise UserError(f"cannot write the results ({e.strerror}: {e.filename})") from None
-    print(f"saved the classifier to {checkpoint} and the metrics to {out_dir / 'metrics.json'} "
-          f"({metrics['seconds']:.0f} s in all)")
+    writable_folder(checkpoint.parent, "--checkpoint's folder")
+    state_path = out_dir / STATE_FILE
+    with RunLock(out_dir):
+        if not args.force and not args.resume:
+            for existing in (checkpoint, state_path):
+                if existing.exists():
+                    raise UserError(f"{existing} already exists; add --resume to continue that run, --force to "
+                                    f"replace it, or choose another --out-dir")
+        resumed = load_state(state_path, args) if args.resume else None
+        data_path = Path(args.data) if args.data else default_data()
+        messages = load_messages(data_path)
+
+        torch.manual_seed(args.seed)  # random init, the new head, LoRA
+        try:
+            model, extra = load_model(args.init, preset=args.preset, device=device)
+        except DownloadError as e:
+            raise UserError(f"{e}; or train without downloading: --init random --preset mini --trainable all "
+                            f"--lr 3e-4 (a small model from scratch), or --init PATH to a local checkpoint or "
+                            f"model.safetensors") from None
+        start = make_classifier(model, args.trainable, args.lora_rank, args.lora_alpha)
+        model.to(device)
+        splits, data = prepare_splits(messages, tokenizer_for(extra), model.config.block_size)
+        print(f"data: {data['messages']} messages ({data['spam']} spam) from {data_path}; balanced and split into "
+              f"train {data['train']}, val {data['val']}, test {data['test']}; "
+              f"{data['mean_tokens']:.1f} tokens on average, longest {data['max_tokens']}"
+              + (f" ({data['truncated']} kept their last {model.config.block_size})" if data["truncated"] else ""))
+        n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"model: {args.init}{' ' + args.preset if args.preset else ''}, {model.num_params() / 1e6:.1f}M "
+              f"parameters; training {args.trainable}: {n_trainable / 1e6:.2f}M parameters on {device} "
+              f"({str(dtype).removeprefix('torch.')})")
+
+        # Caching needs a frozen bottom (start > 0) that gives the same output every epoch (no dropout).
+        cache = start > 0 and model.config.dropout == 0
+        result = fit(model, splits, start, args, device, dtype, cache, state_path, resumed)
+        metrics = {"data": data, "init": args.init, "preset": args.preset, "trainable": args.trainable,
+                   "trainable_params": n_trainable, "cached_features": cache, **result,
+                   "checkpoint": str(checkpoint)}
+        if result["epochs_done"] == 0:  # Ctrl-C in the first epoch: nothing worth saving
+            return metrics
+        merge_lora(model)  # a no-op unless --trainable lora; the test score is then the merged model's, as saved
+        if not result["interrupted"]:
+            probs, _ = evaluate(model, splits["test"], start, args.batch_size, device, dtype)
+            metrics["test"] = classification_metrics(probs, splits["test"].labels)
+            print(f"test ({data['test']} messages, weights of epoch {result['best_epoch']}):\n"
+                  f"{format_metrics(metrics['test'])}")
+        metrics["seconds"] = time.perf_counter() - t0
+        save_checkpoint(checkpoint, model, labels=list(LABELS), test=metrics.get("test"), init=args.init,
+                        trainable=args.trainable, **model_card(extra))
+        atomic_write(out_dir / "metrics.json", json.dumps({k: v for k, v in metrics.items() if k != "losses"},
+                                                          indent=2))
+    what = "the best weights so far" if result["interrupted"] else "the classifier"
+    print(f"saved {what} to {checkpoint} and the metrics to {out_dir / 'metrics.json'} "
+          f"({metrics['seconds']:.0f} s in all)" + ("; continue with the same command plus --resume"
+                                                    if result["interrupted"] else ""))
     return metrics
 
 
@@ -474,22 +554,23 @@ def predict_main(args: argparse.Namespace) -> dict:
         raise UserError("stdin held no text to classify (--predict - reads one text per line)")
     device, dtype = device_and_dtype(args.device, args.dtype)
     path = Path(args.checkpoint) if args.checkpoint else Path(args.out_dir) / "classifier.pt"
-    try:
-        model, _ = load_checkpoint(path, device)
-    except ValueError as e:
-        raise UserError(f"{e}; train a classifier first with python finetune_spam.py") from None
+    if not path.is_file():
+        raise UserError(f"{path} does not exist; train a classifier first with python finetune_spam.py "
+                        f"(or name it with --checkpoint)")
+    model, extra = load_model(str(path), device=device)
     if model.config.num_classes != len(LABELS):
-        raise UserError(f"{path} is a language model, not a spam classifier; train one with python finetune_spam.py")
-    tokenizer, block_size = get_tokenizer(), model.config.block_size
-    tokens = []
+        raise UserError(f"{path} is not a spam classifier; train one with python finetune_spam.py")
+    tokenizer, tokens = tokenizer_for(extra), []
     for text in texts:
-        ids = tokenizer.encode_ordinary(text)
-        if len(ids) > block_size:
-            print(f"note: a text of {len(ids)} tokens is longer than the model's context; classifying its last "
-                  f"{block_size} tokens", file=sys.stderr)
-        tokens.append(torch.tensor(ids[-block_size:]))
+        ids, truncated = message_ids(tokenizer, text, model.config.block_size)
+        if truncated:
+            print(f"note: a text is longer than the model's context of {model.config.block_size} tokens; "
+                  f"classifying its last tokens", file=sys.stderr)
+        tokens.append(ids)
     probs, _ = evaluate(model, Split(tokens, torch.zeros(len(tokens), dtype=torch.long)), 0, args.batch_size,
                         device, dtype)
+    if not torch.isfinite(probs).all():
+        raise UserError(f"{path} gives no valid probabilities (its weights are not finite); train it again")
     predictions = []
     for text, p in zip(texts, probs.tolist()):
         label = LABELS[int(p > 0.5)]
@@ -502,41 +583,45 @@ def predict_main(args: argparse.Namespace) -> dict:
 # Command line
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default=None,
                    help="SMSSpamCollection or its zip; when not given, the UCI zip is downloaded once into the cache")
-    p.add_argument("--init", default="gpt2",
-                   help="starting weights: gpt2, gpt2-medium, gpt2-large, gpt2-xl, a checkpoint or Hub-layout path, "
-                        "or random (with --preset)")
-    p.add_argument("--preset", default=None, help="model size for --init random, e.g. mini or gpt2 (model.PRESETS)")
+    add_init_args(p, "gpt2")
     p.add_argument("--trainable", default="last_block", choices=TRAINABLE,
-                   help="what trains: the last block(s) with the final LayerNorm and head, everything, the head "
+                   help="what trains: the last block(s) with the final norm and head, everything, the head "
                         "only, or LoRA adapters on every block's matrices (plus the head; LoRA usually wants a "
                         "larger --lr than full fine-tuning)")
-    p.add_argument("--lora-rank", type=int, default=16, help="rank of the LoRA update")
-    p.add_argument("--lora-alpha", type=float, default=32.0, help="the LoRA update is scaled by alpha / rank")
-    p.add_argument("--epochs", type=int, default=5, help="passes over the training messages")
-    p.add_argument("--batch-size", type=int, default=8, help="messages per step (and per evaluation batch)")
-    p.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate")
-    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (matrices only)")
-    p.add_argument("--eval-every", type=int, default=50, help="steps between progress lines (with validation loss)")
+    p.add_argument("--lora-rank", type=positive_int, default=16, help="rank of the LoRA update")
+    p.add_argument("--lora-alpha", type=positive_float, default=32.0, help="the LoRA update is scaled by alpha / rank")
+    p.add_argument("--epochs", type=positive_int, default=5, help="passes over the training messages")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="messages per step (and per evaluation batch)")
+    p.add_argument("--lr", type=positive_float, default=5e-5, help="AdamW learning rate")
+    p.add_argument("--weight-decay", type=non_negative_float, default=0.1, help="AdamW weight decay (matrices only)")
+    p.add_argument("--eval-every", type=positive_int, default=50,
+                   help="steps between progress lines (with validation loss)")
     p.add_argument("--seed", type=int, default=123, help="seed of the initialisation and the batch order "
                                                          "(the data split is fixed)")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
-                   help="autocast precision; auto is bfloat16 on GPUs that support it, float32 elsewhere")
-    p.add_argument("--out-dir", default="out/spam", help="folder for metrics.json and, by default, the classifier")
+    add_device_args(p, ("auto", "float32", "bfloat16"), "autocast precision")
+    p.add_argument("--out-dir", default="out/spam",
+                   help="run folder: metrics.json, state.pt (after each epoch, for --resume) and, by default, "
+                        "the classifier")
     p.add_argument("--checkpoint", default=None,
                    help="classifier file written by training and read by --predict; when not given, "
                         "OUT_DIR/classifier.pt")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
+                   help="continue the run in OUT_DIR after its last finished epoch: repeat its command and add "
+                        "--resume (--epochs may grow)")
+    p.add_argument("--force", action=argparse.BooleanOptionalAction, default=False,
+                   help="start a new run even if OUT_DIR already holds a classifier or an unfinished run, "
+                        "replacing them")
     p.add_argument("--predict", action="append", metavar="TEXT",
                    help="classify TEXT with the saved classifier instead of training; repeatable; - reads one "
                         "text per line from stdin")
     args = p.parse_args(argv)
-    for name in ("epochs", "batch_size", "eval_every", "lora_rank"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.preset is not None and args.init != "random":
+        p.error(f"--preset only applies to --init random; {args.init} brings its own size")
+    if args.resume and args.force:
+        p.error("--resume continues a run and --force replaces it; choose one")
     return args
 
 

@@ -14,7 +14,7 @@ import torch
 import finetune_spam as fs
 from load_gpt2 import load_model
 from model import LoRALinear, load_checkpoint
-from tokenizer import DownloadError, UserError
+from tokenizer import DownloadError, UserError, get_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -143,14 +143,15 @@ def test_lora_merge_keeps_outputs():
 
 def test_cached_features_train_exactly_like_recomputing(tmp_path, data_file):
     args = tiny_args(tmp_path, data_file, "--epochs", "2")
-    splits, _ = fs.prepare_splits(fs.load_messages(data_file), 64)
+    splits, _ = fs.prepare_splits(fs.load_messages(data_file), get_tokenizer(), 64)
     torch.manual_seed(0)
     model, _ = load_model("random", preset="tiny")
     start = fs.make_classifier(model, "last_block", 4, 4.0)
     runs = []
     for cache in (True, False):
         fresh = {k: fs.Split(s.tokens, s.labels) for k, s in splits.items()}
-        runs.append(fs.fit(copy.deepcopy(model), fresh, start, args, torch.device("cpu"), torch.float32, cache))
+        runs.append(fs.fit(copy.deepcopy(model), fresh, start, args, torch.device("cpu"), torch.float32, cache,
+                           tmp_path / f"state-{cache}.pt"))
     assert start == 1 and len(runs[0]["losses"]) == 2 * 7  # 56 training messages, 8 per batch
     torch.testing.assert_close(runs[0]["losses"], runs[1]["losses"], rtol=1e-4, atol=1e-6)
 
@@ -169,7 +170,7 @@ def test_pipeline_trains_saves_and_reloads(tmp_path, data_file):
 def test_lora_checkpoint_is_a_plain_gpt_with_the_reported_score(tmp_path, data_file):
     metrics = fs.main(tiny_args(tmp_path, data_file, "--trainable", "lora", "--epochs", "2", "--lora-alpha", "64"))
     model, _ = load_checkpoint(tmp_path / "out" / "classifier.pt")  # loads only with GPT's own keys
-    splits, _ = fs.prepare_splits(fs.load_messages(data_file), 64)
+    splits, _ = fs.prepare_splits(fs.load_messages(data_file), get_tokenizer(), 64)
     probs, _ = fs.evaluate(model, splits["test"], 0, 8, torch.device("cpu"), torch.float32)
     assert fs.classification_metrics(probs, splits["test"].labels) == metrics["test"]
 
@@ -199,7 +200,90 @@ def test_predict_in_a_subprocess(tmp_path, data_file):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert [line.split()[0] for line in lines[:2]] == ["spam", "ham"] and len(lines) == 3  # blank stdin line skipped
-    assert lines[0].split()[1].endswith("%") and "last 64 tokens" in result.stderr
+    assert lines[0].split()[1].endswith("%") and "longer than the model's context of 64" in result.stderr
 
     empty = run_script("--checkpoint", checkpoint, "--predict", "  ")
     assert empty.returncode != 0 and empty.stderr.strip().startswith("error: ") and "Traceback" not in empty.stderr
+
+
+# ---------------------------------------------------------------------------------------------------
+# Runs that are interrupted, go wrong, resume, or meet an earlier run
+
+def files_in(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_ctrl_c_keeps_the_best_epoch_and_resume_finishes_like_an_uninterrupted_run(tmp_path, data_file, monkeypatch):
+    whole = fs.main(tiny_args(tmp_path / "whole", data_file))
+
+    real_evaluate, calls = fs.evaluate, []
+    def interrupt_in_epoch_2(*args, **kwargs):
+        # 7 steps an epoch and a progress line every 10: epoch 1 evaluates train and val (calls 1-2),
+        # epoch 2 evaluates at step 10 (3), then train (4) and val (5): Ctrl-C there, before its state is saved
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real_evaluate(*args, **kwargs)
+    monkeypatch.setattr(fs, "evaluate", interrupt_in_epoch_2)
+    stopped = fs.main(tiny_args(tmp_path / "run", data_file))
+    monkeypatch.setattr(fs, "evaluate", real_evaluate)
+    assert stopped["interrupted"] and stopped["epochs_done"] == 1
+    model, extra = load_checkpoint(tmp_path / "run" / "out" / "classifier.pt")  # the best (only) epoch's weights
+    assert extra["test"] is None and model.config.num_classes == 2
+
+    with pytest.raises(UserError, match="already exists; add --resume"):
+        fs.main(tiny_args(tmp_path / "run", data_file))
+    resumed = fs.main(tiny_args(tmp_path / "run", data_file, "--resume"))
+    assert [row["epoch"] for row in resumed["history"]] == [1, 2, 3]
+    assert resumed["losses"] == pytest.approx(whole["losses"], rel=1e-5)
+    assert resumed["test"] == whole["test"]
+
+
+def test_resume_refuses_changed_flags(tmp_path, data_file):
+    fs.main(tiny_args(tmp_path, data_file, "--epochs", "1"))
+    with pytest.raises(UserError, match=r"--lr 0.001 \(now 0.002\)"):
+        fs.main(tiny_args(tmp_path, data_file, "--epochs", "2", "--resume", "--lr", "2e-3"))
+    more = fs.main(tiny_args(tmp_path, data_file, "--epochs", "2", "--resume"))  # more epochs is fine
+    assert [row["epoch"] for row in more["history"]] == [1, 2]
+
+
+def test_a_loss_that_is_not_finite_stops_the_run_and_saves_nothing_broken(tmp_path, data_file, monkeypatch):
+    real, calls = fs.batch_logits, []
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        logits = real(*args, **kwargs)
+        return logits * float("nan") if len(calls) > 9 else logits  # epoch 1 has 7 steps (+ evaluations)
+    monkeypatch.setattr(fs, "batch_logits", poisoned)
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match="the loss became nan at epoch"):
+        fs.main(tiny_args(tmp_path, data_file))
+    assert not (out / "classifier.pt").exists() and not (out / "metrics.json").exists()
+
+
+def test_an_existing_classifier_is_kept_unless_force(tmp_path, data_file):
+    fs.main(tiny_args(tmp_path, data_file, "--epochs", "1"))
+    before = files_in(tmp_path / "out")
+    with pytest.raises(UserError, match="already exists"):
+        fs.main(tiny_args(tmp_path, data_file, "--epochs", "1"))
+    assert files_in(tmp_path / "out") == before
+    fs.main(tiny_args(tmp_path, data_file, "--epochs", "1", "--force", "--seed", "5"))
+    assert files_in(tmp_path / "out")["classifier.pt"] != before["classifier.pt"]
+
+
+def test_an_unwritable_out_dir_is_found_before_training(tmp_path, data_file, monkeypatch):
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setattr(fs, "load_model", lambda *a, **k: pytest.fail("work started"))
+    with pytest.raises(UserError, match="is not a writable folder"):
+        fs.main(fs.parse_args(["--init", "random", "--preset", "tiny", "--data", str(data_file),
+                               "--out-dir", str(tmp_path / "file" / "sub")]))
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        fs.main(fs.parse_args(["--init", "random", "--preset", "tiny", "--data", str(data_file),
+                               "--out-dir", str(tmp_path / "file")]))
+
+
+def test_a_second_run_into_the_same_folder_stops_at_once(tmp_path, data_file):
+    from tokenizer import RunLock
+    (tmp_path / "out").mkdir()
+    with RunLock(tmp_path / "out"):
+        with pytest.raises(UserError, match="is in use by another run"):
+            fs.main(tiny_args(tmp_path, data_file))
