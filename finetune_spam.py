@@ -12,7 +12,7 @@ hidden state of its own last token (the book reads position -1, a padding token 
 its predictions change with padding), which lets every batch be padded only to its own longest
 message (the book's own experiments without padding score 98 % against 95 %); when only the top of the
 model trains, the frozen bottom runs once per message instead of once per step (see `fit`); and the
-final block runs at the last token only (see `last_token_block`).
+final block runs at the last token only (see `top`).
 """
 import argparse
 import dataclasses
@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from load_gpt2 import add_init_args, load_model, model_card, tokenizer_for
-from model import (GPT, Block, add_device_args, add_lora, autocast, device_and_dtype,
+from model import (GPT, add_device_args, add_lora, autocast, device_and_dtype,
                    merge_lora, save_checkpoint)
 from tokenizer import (SMS_SPAM_SHA256, ArgumentParser, DownloadError, RunLock, UserError, atomic_write, bos, cache_dir,
                        fetch, positive_float, positive_int, non_negative_float, run_stage, writable_folder)
@@ -84,7 +84,7 @@ def default_data() -> Path:
     try:
         zip_path = fetch(SMS_ZIP_RELPATH)
     except DownloadError as e:
-        raise UserError(f"{e}; or pass --data with a local copy of SMSSpamCollection or its zip") from None
+        raise DownloadError(f"{e}; or pass --data with a local copy of SMSSpamCollection or its zip") from None
     data = read_zip_member(zip_path)
     if _sha256(data) != SMS_SPAM_SHA256:
         raise UserError(f"{SMS_MEMBER} in {zip_path} is not the expected file (sha256 {_sha256(data)}); "
@@ -196,46 +196,25 @@ def pad_batch(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def bottom(model: GPT, ids: torch.Tensor, start: int) -> torch.Tensor:
-    """Token ids (B, T) -> hidden states entering block `start` (B, T, C)."""
-    x = model.embed(ids)
-    for block in model.transformer.h[:start]:
-        x = block(x)
-    return x
-
-
-def last_token_block(block: Block, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """block(x) at each message's last token only: (B, T, C) -> (B, C).
-
-    The classifier reads one position, so in the model's final block only the keys and values need
-    every position; the query, the attention output and its projection, and the MLP are computed at the
-    last token alone: about a quarter of the block's work. Same operations as Block.forward otherwise."""
-    B, T, C = x.shape
-    attn, hs = block.attn, C // block.attn.n_head
-    rows, last = torch.arange(B, device=x.device), lengths.to(x.device) - 1
-    q, k, v = attn.c_attn(block.ln_1(x)).split(C, dim=2)  # (B, T, C) each
-    q = q[rows, last].view(B, attn.n_head, 1, hs)  # (B, nh, 1, hs)
-    k = k.view(B, T, attn.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-    v = v.view(B, T, attn.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-    # The query sits at position last[b], so causality means: keys 0..last[b], which also excludes padding.
-    mask = (torch.arange(T, device=x.device) <= last[:, None])[:, None, None, :]  # (B, 1, 1, T)
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=attn.dropout if block.training else 0.0)
-    h = x[rows, last] + attn.resid_dropout(attn.c_proj(y.view(B, C)))  # (B, C); y is (B, nh, 1, hs)
-    return h + block.mlp(block.ln_2(h))
+    """Token ids (B, T) -> hidden states entering block `start` (B, T, C): the model up to that block."""
+    return model.run_blocks(model.embed(ids), 0, start)
 
 
 def top(model: GPT, x: torch.Tensor, lengths: torch.Tensor, start: int) -> torch.Tensor:
     """Hidden states entering block `start` (B, T, C) -> class logits (B, 2) at each message's last token.
 
     Reading the last real token, not position -1, is what makes right padding harmless: under causal
-    attention no position sees the ones to its right."""
-    blocks = model.transformer.h[start:]
-    for block in blocks[:-1]:
-        x = block(x)  # (B, T, C)
-    if len(blocks):
-        last = last_token_block(blocks[-1], x, lengths)  # (B, C)
+    attention no position sees the ones to its right. The classifier reads that one position, so the
+    final block runs at it alone (model.run_block_at: keys and values from every position, the query,
+    attention output and MLP at the last token only), about a quarter of the block's work."""
+    n_layer = model.config.n_layer
+    last = (lengths.to(x.device) - 1)[:, None]  # (B, 1)
+    if start < n_layer:
+        x = model.run_blocks(x, start, n_layer - 1)  # (B, T, C)
+        h = model.run_block_at(n_layer - 1, x, last)  # (B, 1, C)
     else:
-        last = x[torch.arange(x.size(0), device=x.device), lengths.to(x.device) - 1]  # (B, C)
-    return model.lm_head(model.transformer.ln_f(last))  # LayerNorm works per position, so after the gather
+        h = x[torch.arange(x.size(0), device=x.device)[:, None], last]  # (B, 1, C)
+    return model.lm_head(model.transformer.ln_f(h))[:, 0]  # the norm works per position, so after the gather
 
 
 def batch_logits(model: GPT, split: Split, index: list[int], start: int, device: torch.device) -> torch.Tensor:
@@ -496,7 +475,7 @@ def train_main(args: argparse.Namespace) -> dict:
         try:
             model, extra = load_model(args.init, preset=args.preset, device=device)
         except DownloadError as e:
-            raise UserError(f"{e}; or train without downloading: --init random --preset mini --trainable all "
+            raise DownloadError(f"{e}; or train without downloading: --init random --preset mini --trainable all "
                             f"--lr 3e-4 (a small model from scratch), or --init PATH to a local checkpoint or "
                             f"model.safetensors") from None
         start = make_classifier(model, args.trainable, args.lora_rank, args.lora_alpha)

@@ -145,7 +145,8 @@ class RunLock:
     once, naming the running one, instead of interleaving its files with the first run's.
 
     The lock is an OS file lock (flock) on OUT_DIR/.lock, which the OS drops when its process dies,
-    so a lock left by a killed run is simply taken over; the file records who held it, for messages."""
+    so a lock left by a killed run is simply taken over; the file records who holds it, for messages,
+    and is removed when the run ends normally."""
 
     def __init__(self, folder: str | Path):
         self.path = Path(folder) / ".lock"
@@ -176,8 +177,7 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         if self.file is not None:
-            self.file.seek(0)
-            self.file.truncate()  # empty: released properly, so the next run has nothing to report
+            self.path.unlink(missing_ok=True)  # released properly: nothing left behind to report
             self.file.close()  # closing drops the OS lock
             self.file = None
 

@@ -1,8 +1,17 @@
-"""Shared test set-up: an offline download cache seeded from ../shared/data.
+"""Shared test set-up: a private download cache for the whole session, seeded without the network
+where possible, so the tests run offline and never write into the user's own cache.
 
-The project's code downloads its files into one cache folder ($LLM_CACHE_DIR). Tests point that
-variable at a temporary folder holding copies of the exact files the code would download, so every
-stage runs offline. Only tests and .ci/run know about ../shared.
+The project's code downloads its files into one cache folder ($LLM_CACHE_DIR). The tests point that
+variable at a fresh temporary folder and copy into it the files they need, from the first place that
+has each one:
+  1. ../shared/data beside the clone (CI and this project's machines: exact copies of the downloads);
+  2. the user's own cache ($LLM_CACHE_DIR or ~/.cache/llm-lifecycle, as the README describes),
+     only read;
+  3. the network, through the project's own download code, into the temporary folder.
+A test that needs a file none of them can give is skipped with the reason: mark it (or its module,
+with `pytestmark = pytest.mark.needs_files(...)`; subprocess tests need the mark) with
+@pytest.mark.needs_files("cache/path", ...). A download that fails in-process inside a test or its
+fixtures also becomes a skip. Only tests and .ci/run know about ../shared.
 """
 import os
 import shutil
@@ -15,35 +24,83 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(REPO))
 
-# (file under ../shared/data, path under the project's cache) -- the cache layout of tokenizer.py
-SEED_FILES = [
-    ("gpt2/encoder.json", "gpt2/encoder.json"),
-    ("gpt2/vocab.bpe", "gpt2/vocab.bpe"),
-    ("text/tinyshakespeare.txt", "text/tinyshakespeare.txt"),
-    ("text/the-verdict.txt", "text/the-verdict.txt"),
-    ("sms_spam/SMSSpamCollection", "sms_spam/SMSSpamCollection"),
-    ("instruct/instruction-data.json", "instruct/instruction-data.json"),
-    ("mistral/tokenizer.model", "hf/mistralai/Mistral-7B-v0.1/tokenizer.model"),
-]
+import tokenizer  # noqa: E402  (after the path is set)
+
+# cache path -> its copy under ../shared/data: the cache layout of the project's download code
+SEED_FILES = {
+    "gpt2/encoder.json": "gpt2/encoder.json",
+    "gpt2/vocab.bpe": "gpt2/vocab.bpe",
+    "text/tinyshakespeare.txt": "text/tinyshakespeare.txt",
+    "text/the-verdict.txt": "text/the-verdict.txt",
+    "sms_spam/SMSSpamCollection": "sms_spam/SMSSpamCollection",
+    "instruct/instruction-data.json": "instruct/instruction-data.json",
+    "hf/mistralai/Mistral-7B-v0.1/tokenizer.model": "mistral/tokenizer.model",
+}
+
+
+def _user_cache() -> Path:
+    return Path(os.environ.get(tokenizer.CACHE_ENV) or Path.home() / ".cache" / "llm-lifecycle")
+
+
+def _download(relpath: str) -> None:
+    """Fetch one file into the (temporary) cache with the project's own code; DownloadError if not."""
+    if relpath == "sms_spam/SMSSpamCollection":
+        import finetune_spam  # the zip is fetched and its member extracted and checked there
+        finetune_spam.default_data()
+    else:
+        tokenizer.fetch(relpath)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "needs_files(*cache_paths): skip unless these downloaded files can be had")
 
 
 @pytest.fixture(scope="session", autouse=True)
 def offline_cache(tmp_path_factory) -> Path:
-    """Set LLM_CACHE_DIR to a fresh folder seeded with the shared data files, for the whole session.
-
-    Without ../shared/data (a clone used elsewhere), the tests use the normal download cache, which
-    fetches the same files once over the network."""
-    if not SHARED_DATA.is_dir():
-        yield None
-        return
+    """Point LLM_CACHE_DIR at a fresh folder holding every file in SEED_FILES that can be had."""
+    user_cache = _user_cache()
     cache = tmp_path_factory.mktemp("llm_cache")
-    for source, target in SEED_FILES:
-        (cache / target).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(SHARED_DATA / source, cache / target)
-    old = os.environ.get("LLM_CACHE_DIR")
-    os.environ["LLM_CACHE_DIR"] = str(cache)
+    old = os.environ.get(tokenizer.CACHE_ENV)
+    os.environ[tokenizer.CACHE_ENV] = str(cache)
+    missing = {}
+    for relpath, shared in SEED_FILES.items():
+        target = cache / relpath
+        target.parent.mkdir(parents=True, exist_ok=True)
+        for source in (SHARED_DATA / shared, user_cache / relpath):
+            if source.is_file():
+                shutil.copyfile(source, target)
+                break
+        else:
+            try:
+                _download(relpath)
+            except tokenizer.UserError as e:
+                missing[relpath] = str(e)
+    MISSING.update(missing)
     yield cache
     if old is None:
-        os.environ.pop("LLM_CACHE_DIR", None)
+        os.environ.pop(tokenizer.CACHE_ENV, None)
     else:
-        os.environ["LLM_CACHE_DIR"] = old
+        os.environ[tokenizer.CACHE_ENV] = old
+
+
+MISSING: dict[str, str] = {}  # cache path -> why it could not be had, filled once per session
+
+
+@pytest.fixture(autouse=True)
+def _skip_without_needed_files(request, offline_cache):
+    marker = request.node.get_closest_marker("needs_files")
+    for relpath in marker.args if marker else ():
+        if relpath in MISSING:
+            pytest.skip(f"{relpath} is not available here: {MISSING[relpath]}")
+
+
+def _skip_on_download_error():
+    """A download that fails inside a test or its fixtures means a file this machine cannot have."""
+    try:
+        return (yield)
+    except tokenizer.DownloadError as e:
+        pytest.skip(f"needs a file that cannot be downloaded here: {e}")
+
+
+pytest_runtest_setup = pytest.hookimpl(wrapper=True)(_skip_on_download_error)
+pytest_runtest_call = pytest.hookimpl(wrapper=True)(_skip_on_download_error)
