@@ -3,6 +3,7 @@
 The reference is tests/fixtures/hf_tiny_gpt2, a random GPT2LMHeadModel saved by transformers with its
 logits and greedy tokens (made by tests/fixtures/make_hf_fixture.py): our loader must reproduce them.
 """
+import argparse
 import json
 import shutil
 import struct
@@ -144,7 +145,7 @@ def test_load_model_random_needs_a_known_preset():
     with pytest.raises(UserError, match="tiny"):
         load_model("random", preset="huge")
     model, extra = load_model("random", preset="tiny", dtype=torch.bfloat16)
-    assert extra == {} and model.config == get_config("tiny")
+    assert extra == {"model_type": "gpt2", "tokenizer": "gpt2"} and model.config == get_config("tiny")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
 
@@ -152,7 +153,7 @@ def test_load_model_reads_our_checkpoint(tmp_path):
     model = load_gpt2.GPT(get_config("tiny"))
     save_checkpoint(tmp_path / "ckpt.pt", model, step=7)
     loaded, extra = load_model(str(tmp_path / "ckpt.pt"))
-    assert extra == {"step": 7}
+    assert extra == {"step": 7, "model_type": "gpt2", "tokenizer": "gpt2"}  # written before cards: GPT-2's
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
 
 
@@ -222,7 +223,7 @@ def test_untied_head_is_refused(tmp_path):
 @pytest.mark.parametrize("change, message", [
     ({"activation_function": "relu"}, "activation_function"),
     ({"n_inner": 64}, "n_inner"),
-    ({"model_type": "llama"}, "not a GPT-2 config"),
+    ({"model_type": "bert"}, "type 'bert', which model.py does not implement"),
     ({"n_head": "two"}, "n_head"),
 ])
 def test_unsupported_config_is_refused(tmp_path, change, message):
@@ -266,7 +267,7 @@ def test_other_sizes_verify_against_the_hub_listing(monkeypatch):
         def json(self):
             return listing
 
-    monkeypatch.setattr(load_gpt2.requests, "get", lambda url, timeout: Response())
+    monkeypatch.setattr(load_gpt2.requests, "get", lambda url, timeout, headers: Response())
     assert load_gpt2.hub_file_info("openai-community/gpt2-medium", "model.safetensors") == (1519, "f" * 64)
     assert load_gpt2.hub_file_info("openai-community/gpt2-medium", "config.json") == (718, None)
     with pytest.raises(UserError, match="tokenizer.json"):
@@ -420,3 +421,206 @@ def test_cli_user_error_is_one_line(tmp_path):
     result = run_cli("--model", str(tmp_path / "nowhere"))
     assert result.returncode == 1
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+# --- Hub repos of every family (the network is replaced by the fixtures) --------------------------------
+
+FAMILY_FIXTURE = REPO / "tests" / "fixtures" / "hf_tiny_mistral"  # 3 shards and an index
+
+
+def fake_hub(monkeypatch, tmp_path, repo_files: dict[str, Path], status: int = 200):
+    """The Hub's listing API and file downloads served from local files; returns the calls made."""
+    calls = {"listing": [], "download": []}
+
+    class Response:
+        status_code = status
+
+        def raise_for_status(self):
+            if status != 200:
+                error = load_gpt2.requests.HTTPError(f"{status}")
+                error.response = self
+                raise error
+
+        def json(self):
+            return [{"type": "file", "path": name, "size": path.stat().st_size,
+                     **({"lfs": {"oid": "a" * 64, "size": path.stat().st_size}}
+                        if name.endswith(".safetensors") else {})}
+                    for name, path in repo_files.items()]
+
+    def fake_get(url, timeout, headers):
+        calls["listing"].append((url, headers))
+        return Response()
+
+    def fake_download(url, relpath, *, sha256=None, size=None, cache=None, headers=None):
+        name = Path(relpath).name
+        calls["download"].append((name, sha256, size, headers))
+        dest = load_gpt2.cache_dir() / relpath
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(repo_files[name], dest)
+        return dest
+
+    monkeypatch.setattr(load_gpt2.requests, "get", fake_get)
+    monkeypatch.setattr(load_gpt2, "download", fake_download)
+    return calls
+
+
+def test_hub_repo_downloads_config_tokenizer_index_and_shards_once(monkeypatch, tmp_path):
+    monkeypatch.setenv("LLM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    (tmp_path / "tokenizer.json").write_text("{}")
+    files = {p.name: p for p in FAMILY_FIXTURE.iterdir() if p.name != "reference.npz"}
+    files["tokenizer.json"] = tmp_path / "tokenizer.json"
+    calls = fake_hub(monkeypatch, tmp_path, files)
+    model, card = load_model("acme/tiny-mistral")
+    assert card == {"model_type": "mistral", "tokenizer": "hf/acme/tiny-mistral"}
+    assert calls["listing"] == [("https://huggingface.co/api/models/acme/tiny-mistral/tree/main",
+                                 {"Authorization": "Bearer hf_secret"})]
+    order = [name for name, *_ in calls["download"]]
+    assert order[:3] == ["config.json", "tokenizer.json", "model.safetensors.index.json"]
+    assert sorted(order[3:]) == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    shard = next(c for c in calls["download"] if c[0].endswith(".safetensors"))
+    assert shard[1] == "a" * 64 and shard[2] == files[shard[0]].stat().st_size  # verified by the Hub's sha256 and size
+    assert all(c[3] == {"Authorization": "Bearer hf_secret"} for c in calls["download"])  # gated repos need the token
+    reference = np.load(FAMILY_FIXTURE / "reference.npz")
+    assert np.abs(logits_of(model, reference["input_ids"]) - reference["logits"]).max() < 1e-4
+    # a second load reads the cache and never asks the Hub
+    monkeypatch.setattr(load_gpt2.requests, "get", lambda *a, **k: pytest.fail("the Hub was asked again"))
+    monkeypatch.setattr(load_gpt2, "download", lambda *a, **k: pytest.fail("downloaded again"))
+    assert load_model("acme/tiny-mistral")[1] == card
+
+
+@pytest.mark.parametrize("status, token, message", [
+    (401, None, r"HTTP 401; no \$HF_TOKEN is set\): accept its licence on https://huggingface.co/meta-llama/x "
+                "and set HF_TOKEN"),
+    (403, "hf_bad", r"HTTP 403; the token in \$HF_TOKEN was refused"),
+    (404, None, "has no model repo meta-llama/x"),
+])
+def test_hub_refusals_say_what_to_do(monkeypatch, tmp_path, status, token, message):
+    monkeypatch.setenv("LLM_CACHE_DIR", str(tmp_path))
+    if token:
+        monkeypatch.setenv("HF_TOKEN", token)
+    else:
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+    fake_hub(monkeypatch, tmp_path, {}, status=status)
+    with pytest.raises(UserError, match=message) as error:
+        load_model("meta-llama/x")
+    assert "\n" not in str(error.value)
+
+
+def test_an_unsupported_hub_family_stops_before_the_weights(monkeypatch, tmp_path):
+    monkeypatch.setenv("LLM_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba"}))
+    calls = fake_hub(monkeypatch, tmp_path, {"config.json": tmp_path / "config.json",
+                                             "model.safetensors": FIXTURE / "model.safetensors"})
+    with pytest.raises(UserError, match="type 'mamba'"):
+        load_model("state-spaces/mamba")
+    assert [name for name, *_ in calls["download"]] == ["config.json"]
+
+
+def test_a_missing_local_path_is_not_taken_for_a_repo(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    monkeypatch.setattr(load_gpt2.requests, "get", lambda *a, **k: pytest.fail("asked the Hub"))
+    for name in ("out/ckpt.pt", "out/model", "nowhere/model.safetensors"):
+        with pytest.raises(UserError, match="neither a GPT-2 name"):
+            load_model(name)
+    assert load_gpt2.is_hub_repo("mistralai/Mistral-7B-v0.1") and not load_gpt2.is_hub_repo("a/b/c")
+
+
+# --- the model card and the model's tokenizer -----------------------------------------------------------
+
+def test_every_preset_has_a_card():
+    assert set(load_gpt2.PRESET_CARDS) == set(load_gpt2.PRESETS)
+    for preset, (model_type, _) in load_gpt2.PRESET_CARDS.items():
+        model = load_gpt2.meta_model(get_config(preset))
+        assert not load_gpt2.export_problems(model.config, model_type), preset  # the card's family fits
+
+
+@pytest.mark.parametrize("preset, card", [
+    ("tiny", {"model_type": "gpt2", "tokenizer": "gpt2"}),
+    ("mistral-tiny", {"model_type": "mistral", "tokenizer": "hf/mistralai/Mistral-7B-v0.1/tokenizer.model"}),
+    ("llama-tiny", {"model_type": "llama", "tokenizer": "hf/mistralai/Mistral-7B-v0.1/tokenizer.model"}),
+    ("phi-3-tiny", {"model_type": "phi3", "tokenizer": "hf/mistralai/Mistral-7B-v0.1/tokenizer.model"}),
+    ("phi-2-tiny", {"model_type": "phi", "tokenizer": "gpt2"}),
+])
+def test_random_presets_carry_their_card(preset, card):
+    assert load_model("random", preset=preset)[1] == card
+
+
+def test_real_presets_read_their_hub_repos_tokenizer():
+    assert {p: load_gpt2.PRESET_CARDS[p][1] for p in ("mistral-7b", "phi-2", "phi-3-mini", "llama-3.2-1b")} == {
+        "mistral-7b": "hf/mistralai/Mistral-7B-v0.1", "phi-2": "hf/microsoft/phi-2",
+        "phi-3-mini": "hf/microsoft/Phi-3-mini-4k-instruct", "llama-3.2-1b": "hf/meta-llama/Llama-3.2-1B"}
+
+
+@pytest.mark.needs_files("hf/mistralai/Mistral-7B-v0.1/tokenizer.model")
+def test_tiny_presets_tokenizer_is_mistrals_cached_file():
+    card = load_model("random", preset="mistral-tiny")[1]
+    path = load_gpt2.tokenizer_path(card["tokenizer"])
+    assert path == load_gpt2.cache_dir() / "hf/mistralai/Mistral-7B-v0.1/tokenizer.model" and path.is_file()
+    if hasattr(load_gpt2, "load_tokenizer") or hasattr(__import__("tokenizer"), "load_tokenizer"):
+        tokenizer = load_gpt2.tokenizer_for(card)
+        assert tokenizer.n_vocab == 32000 and tokenizer.bos_id == 1 and tokenizer.eos_id == 2
+    else:  # the SentencePiece reader is not in this checkout yet: one sentence saying so
+        with pytest.raises(UserError, match="load_tokenizer"):
+            load_gpt2.tokenizer_for(card)
+
+
+def test_gpt2_card_gives_gpt2s_tokenizer():
+    assert load_gpt2.tokenizer_for({"model_type": "phi", "tokenizer": "gpt2"}).n_vocab == 50257
+
+
+def test_folder_cards_name_the_folders_own_tokenizer(tmp_path):
+    shutil.copytree(REPO / "tests" / "fixtures" / "hf_tiny_phi3", tmp_path / "phi3")
+    assert load_model(str(tmp_path / "phi3"))[1]["tokenizer"] == str((tmp_path / "phi3").resolve())
+    with pytest.raises(UserError, match="holds no tokenizer"):  # the fixture has no tokenizer files
+        load_gpt2.tokenizer_for(load_model(str(tmp_path / "phi3"))[1])
+    (tmp_path / "phi3" / "tokenizer.json").write_text("{}")
+    assert load_gpt2.tokenizer_path(str(tmp_path / "phi3")) == tmp_path / "phi3"
+    # a folder whose BPE files are GPT-2's own has GPT-2's tokenizer, whatever its family
+    shutil.copytree(REPO / "tests" / "fixtures" / "hf_tiny_phi", tmp_path / "phi")
+    assert load_model(str(tmp_path / "phi"))[1]["tokenizer"] == str((tmp_path / "phi").resolve())
+    shutil.copy(load_gpt2.cache_dir() / "gpt2/encoder.json", tmp_path / "phi" / "vocab.json")
+    shutil.copy(load_gpt2.cache_dir() / "gpt2/vocab.bpe", tmp_path / "phi" / "merges.txt")
+    assert load_model(str(tmp_path / "phi"))[1]["tokenizer"] == "gpt2"
+
+
+# --- files that are not what they claim (issue 14) --------------------------------------------------------
+
+def test_zero_byte_checkpoint_is_one_sentence(tmp_path):
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(UserError, match=r"empty.pt is empty \(0 bytes\)"):
+        load_model(str(tmp_path / "empty.pt"))
+
+
+def test_random_bytes_are_not_called_a_safetensors_file(tmp_path):
+    (tmp_path / "junk.pt").write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(UserError, match="neither a checkpoint of this project") as error:
+        load_model(str(tmp_path / "junk.pt"))
+    assert "safetensors file:" not in str(error.value) and "not a valid safetensors" not in str(error.value)
+
+
+def test_a_pickle_of_objects_never_repeats_torchs_advice(tmp_path):
+    torch.save({"config": {}, "model": argparse.Namespace(lr=1.0)}, tmp_path / "objects.pt")  # not plain data
+    with pytest.raises(UserError, match="Python objects other than tensors") as error:
+        load_model(str(tmp_path / "objects.pt"))
+    assert "weights_only" not in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_safetensors_file_as_a_checkpoint_never_says_pip_install(tmp_path):
+    from model import load_checkpoint
+    write_safetensors({"w": torch.zeros(2)}, tmp_path / "w.safetensors")
+    with pytest.raises(ValueError, match="is a safetensors file") as error:
+        load_checkpoint(tmp_path / "w.safetensors")
+    assert "pip" not in str(error.value)
+
+
+def test_cli_export_needs_force_to_replace_a_model(tmp_path):
+    args = ["--init", "random", "--preset", "phi-2-tiny", "--device", "cpu", "--export", str(tmp_path / "hf")]
+    assert run_cli(*args).returncode == 0
+    before = (tmp_path / "hf" / "model.safetensors").read_bytes()
+    again = run_cli(*args)
+    assert again.returncode == 1 and "already holds a model" in again.stderr and "--force" in again.stderr
+    assert (tmp_path / "hf" / "model.safetensors").read_bytes() == before
+    assert run_cli(*args, "--force").returncode == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == ["PhiForCausalLM"]

@@ -190,3 +190,21 @@ def test_device_and_dtype_names():
     assert M.resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
     with pytest.raises(ValueError, match="unknown dtype"):
         M.resolve_dtype("float8", torch.device("cpu"))
+
+
+def test_files_that_are_not_checkpoints_get_one_clear_sentence(tmp_path):
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "weights.safetensors").write_bytes(b"\x10\0\0\0\0\0\0\0" + b'{"__metadata__":{}}')
+    torch.save({"config": {}, "model": ValueError("an object")}, tmp_path / "objects.pt")
+    for name, expected in (("empty.pt", r"is empty \(0 bytes\)"), ("weights.safetensors", "is a safetensors file"),
+                           ("objects.pt", "Python objects other than tensors")):
+        with pytest.raises(ValueError, match=expected) as error:
+            M.load_checkpoint(tmp_path / name)
+        message = str(error.value)
+        assert "\n" not in message and "weights_only" not in message and "pip install" not in message, message
+
+
+def test_checkpoint_with_an_invalid_config_is_a_value_error(tmp_path):
+    torch.save({"config": {"n_embd": 65, "n_head": 2}, "model": {}}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="unusable config.*n_embd 65 must divide by n_head 2"):
+        M.load_checkpoint(tmp_path / "bad.pt")

@@ -1,19 +1,31 @@
-"""Load benchmark: wall time and peak memory to load GPT-2-sized checkpoints from local disk.
+"""Load benchmark: wall time and peak memory to load checkpoints in the Hub's layout from local disk.
 
-For each size it writes a random checkpoint in the Hub's original layout (config.json + a
-model.safetensors with unprefixed names and the attn.bias mask buffers, like openai-community/gpt2's
-file) to a temporary folder, reads it once so both loaders find it in the page cache, then loads it
-in a fresh subprocess per measurement: load_gpt2.load_gpt2, and with --hf-python transformers'
-GPT2LMHeadModel.from_pretrained on the same folder. Peak RSS is ru_maxrss of that subprocess; "import"
-is the peak before loading (Python + torch), and the ratios divide by the model's size in the dtype.
-transformers leaves float32 weights in the memory-mapped file, paged in when first read, so its
-load-time peak can be below the model's size: "peak_after_use" is the peak once every weight has
-been read once, as the first forward pass does.
+Two cases, each written as a random checkpoint into a temporary folder (--load-dir), tensor by
+tensor and in row chunks, so writing never holds the model:
+
+- GPT-2 sizes (--load-models), float32 files in the Hub's original layout (config.json + a
+  model.safetensors with unprefixed names and the attn.bias mask buffers, like openai-community/gpt2's
+  file), loaded into each of --load-dtypes by load_gpt2 and, with --hf-python, by transformers'
+  GPT2LMHeadModel.from_pretrained on the same folder.
+- A Mistral-7B-shaped checkpoint (--mistral-layers of Mistral 7B v0.1's 32; 0 skips it) in bfloat16,
+  cut into shards of at most 5 GB with model.safetensors.index.json as the Hub's are, loaded in
+  bfloat16 by load_gpt2 (load time and peak RSS against the model's size, target <= 1.15x), then a
+  few greedy tokens through generate() with their tokens/s. The real shape needs ~15 GB of disk and
+  of memory; a smaller --mistral-layers shows the same ratios on a laptop.
+
+Files are read once before each measurement so every loader finds them in the page cache: the
+loaders are timed, not the disk. Each measurement runs in a fresh subprocess; peak RSS is that
+process's VmHWM (ru_maxrss elsewhere), "import" the peak before loading (Python + torch), and the
+ratios divide by the model's size in the dtype. transformers leaves float32 weights in the
+memory-mapped file, paged in when first read, so its load-time peak can be below the model's size:
+"peak_after_use" is the peak once every weight has been read once, as the first forward pass does.
 
     python tests/bench.py load --hf-python VENV/bin/python
+    python tests/bench.py load --load-models --mistral-layers 2       # the Mistral case, small
 """
 import argparse
 import json
+import struct
 import subprocess
 import sys
 import tempfile
@@ -25,7 +37,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 import load_gpt2  # noqa: E402
-from model import PRESETS  # noqa: E402
+from model import PRESETS, get_config  # noqa: E402
 
 # Peak RSS of this process: Linux's VmHWM (ru_maxrss would carry over the parent's peak through
 # fork and exec); elsewhere ru_maxrss (bytes on macOS).
@@ -65,14 +77,40 @@ for p in model.parameters():  # read every weight once, as a forward pass would
     p.sum()
 print(json.dumps({{"seconds": seconds, "import_rss": before, "peak_rss": peak, "touched_rss": peak_rss()}}))
 """
+# Load in bfloat16, then greedy tokens: argv = folder, prompt length, new tokens.
+OURS_DECODE = f"""
+import json, resource, sys, time
+sys.path.insert(0, {str(REPO)!r})
+import torch, load_gpt2
+from generate import generate
+{PEAK_RSS}
+before = peak_rss()
+start = time.perf_counter()
+model = load_gpt2.load_gpt2(sys.argv[1], dtype=torch.bfloat16).eval()
+seconds = time.perf_counter() - start
+peak = peak_rss()
+prompt = torch.randint(0, model.config.vocab_size, (1, int(sys.argv[2])), generator=torch.Generator().manual_seed(0))
+times, tokens = [time.perf_counter()], []
+for token in generate(model, prompt, int(sys.argv[3]), temperature=0):
+    tokens.append(int(token))
+    times.append(time.perf_counter())
+print(json.dumps({{"seconds": seconds, "import_rss": before, "peak_rss": peak, "decode_rss": peak_rss(),
+                  "first_token_s": times[1] - times[0], "later_tokens_s": times[-1] - times[1], "tokens": tokens}}))
+"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("load")
-    group.add_argument("--load-models", nargs="+", default=["gpt2", "gpt2-medium"], choices=list(load_gpt2.GPT2_REPOS),
-                       help="GPT-2 sizes to write random checkpoints of (gpt2-medium: 1.4 GB of disk)")
+    group.add_argument("--load-models", nargs="*", default=["gpt2", "gpt2-medium"], choices=list(load_gpt2.GPT2_REPOS),
+                       help="GPT-2 sizes to write random checkpoints of (gpt2-medium: 1.4 GB of disk); none skips them")
     group.add_argument("--load-dtypes", nargs="+", default=["float32", "bfloat16"],
-                       help="dtypes to load into (the files are float32, as on the Hub)")
+                       help="dtypes to load the GPT-2 files into (the files are float32, as on the Hub)")
+    group.add_argument("--mistral-layers", type=int, default=32,
+                       help="layers of the Mistral-7B-shaped bfloat16 checkpoint (32: Mistral 7B's 7.24B "
+                            "parameters, 14.5 GB; 0 skips it)")
+    group.add_argument("--mistral-new-tokens", type=int, default=4, help="greedy tokens decoded after loading it")
+    group.add_argument("--load-dir", type=Path, default=None,
+                       help="folder for the temporary checkpoints (default: the system's temporary folder)")
     try:
         group.add_argument("--hf-python", default=None,
                            help="python of a venv with transformers, to time its from_pretrained on the same files")
@@ -80,66 +118,176 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         pass
 
 
+def write_random_shards(folder: Path, tensors: dict[str, tuple[tuple[int, ...], str]], dtype: torch.dtype,
+                        max_shard_bytes: int = load_gpt2.MAX_SHARD_BYTES) -> None:
+    """Random safetensors shards named as the Hub names them (model.safetensors when one is enough),
+    plus model.safetensors.index.json, written tensor by tensor and a few MB of rows at a time.
+
+    tensors: name -> (shape, fill), fill "normal" (std 0.02), "ones" (norm gains) or "causal" (GPT-2's
+    lower-triangular mask buffer)."""
+    element = torch.empty(0, dtype=dtype).element_size()
+    shards, size = [[]], 0
+    for name, (shape, _) in tensors.items():
+        nbytes = element * torch.Size(shape).numel()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    names = ["model.safetensors"] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    dtype_name = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}[dtype]
+    generator = torch.Generator().manual_seed(0)
+    for file_name, shard in zip(names, shards):
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for name in shard:
+            shape = tensors[name][0]
+            nbytes = element * torch.Size(shape).numel()
+            header[name] = {"dtype": dtype_name, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        with open(folder / file_name, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)) + raw)
+            for name in shard:
+                shape, fill = tensors[name]
+                rows = shape[0] if shape else 1
+                step = max(1, (16 << 20) // max(1, torch.Size(shape[1:]).numel() * 4))
+                for first in range(0, rows, step):
+                    chunk_shape = (min(step, rows - first), *shape[1:])
+                    if fill == "ones":
+                        chunk = torch.ones(chunk_shape)
+                    elif fill == "causal":
+                        chunk = torch.ones(shape[-2:]).tril().expand(chunk_shape)
+                    else:
+                        chunk = torch.empty(chunk_shape).normal_(0.0, 0.02, generator=generator)
+                    f.write(chunk.to(dtype).contiguous().reshape(-1).view(torch.uint8).numpy())
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(element * torch.Size(s).numel() for s, _ in tensors.values())},
+                 "weight_map": {name: file_name for file_name, shard in zip(names, shards) for name in shard}}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
 def write_random_hub_checkpoint(name: str, folder: Path) -> int:
     """A random float32 GPT-2 `name` in the Hub's original layout; returns the parameter count."""
     config = PRESETS[name]
     model = load_gpt2.meta_model(config)
-    generator = torch.Generator().manual_seed(0)
     tensors = {}
-    for ours, shape in load_gpt2._hub_shapes(model).items():
-        tensors[ours.removeprefix("transformer.")] = torch.randn(shape, generator=generator) * 0.02
-        if ours.endswith("attn.c_attn.bias"):  # the causal-mask buffer the Hub's gpt2 file carries per layer
-            size = config.block_size
-            tensors[ours.removeprefix("transformer.").replace("c_attn.bias", "bias")] = \
-                torch.ones(size, size).tril().view(1, 1, size, size)
+    for hub_name, (_, _, shape, _) in load_gpt2.hub_tensors("gpt2", model).items():
+        short = hub_name.removeprefix("transformer.")
+        tensors[short] = (shape, "ones" if ".ln_" in hub_name and short.endswith("weight") else "normal")
+        if hub_name.endswith("attn.c_attn.bias"):  # the causal-mask buffer the Hub's gpt2 file carries per layer
+            tensors[short.replace("c_attn.bias", "bias")] = ((1, 1, config.block_size, config.block_size), "causal")
     folder.mkdir(parents=True, exist_ok=True)
-    load_gpt2.write_safetensors(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-    (folder / "config.json").write_text(json.dumps(load_gpt2.hf_config(config, torch.float32)))
+    write_random_shards(folder, tensors, torch.float32)
+    (folder / "config.json").write_text(json.dumps(load_gpt2.hf_config(config, "gpt2", torch.float32)))
     return model.num_params()
 
 
-def measure(python: str, script: str, folder: Path, dtype: str) -> dict:
-    result = subprocess.run([python, "-c", script, str(folder), dtype], capture_output=True, text=True, check=True)
+def write_random_mistral(folder: Path, n_layer: int) -> int:
+    """A random bfloat16 Mistral-7B-shaped checkpoint (n_layer of its 32 layers), sharded as the Hub's."""
+    config = get_config("mistral-7b", n_layer=n_layer)
+    model = load_gpt2.meta_model(config)
+    tensors = {hub_name: (shape, "ones" if "norm" in hub_name else "normal")
+               for hub_name, (_, _, shape, _) in load_gpt2.hub_tensors("mistral", model).items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    write_random_shards(folder, tensors, torch.bfloat16)
+    (folder / "config.json").write_text(json.dumps(load_gpt2.hf_config(config, "mistral", torch.bfloat16)))
+    return model.num_params()
+
+
+def read_through(folder: Path) -> int:
+    """Read every weight file once (into the page cache); returns their total size in bytes."""
+    total = 0
+    for path in folder.glob("*.safetensors"):
+        with open(path, "rb") as f:
+            while block := f.read(64 << 20):
+                total += len(block)
+    return total
+
+
+def measure(python: str, script: str, *argv: str) -> dict:
+    result = subprocess.run([python, "-c", script, *argv], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"the measurement failed: {(result.stderr.strip().splitlines() or ['no output'])[-1]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def export_check_row(hf_python: str, tmp: Path) -> dict:
-    """transformers reads our export: the fixture, loaded by us and exported, must give its logits."""
-    fixture = REPO / "tests" / "fixtures" / "hf_tiny_gpt2"
-    load_gpt2.export_hf(load_gpt2.load_gpt2(fixture), tmp / "export")
-    result = subprocess.run([hf_python, str(REPO / "tests" / "fixtures" / "make_hf_fixture.py"),
-                             "--check-export", str(tmp / "export")], capture_output=True, text=True)
-    return {"bench": "load", "model": "fixture export", "loader": "transformers", "ok": result.returncode == 0,
-            "detail": result.stdout.strip().splitlines()[-1] if result.stdout.strip() else result.stderr[-200:]}
+def export_check_rows(hf_python: str, tmp: Path) -> list[dict]:
+    """transformers reads our exports: each family's fixture, loaded by us and exported (mistral's in
+    shards), must give the logits transformers gave it (make_hf_fixture.py, make_hf_families.py --check-export)."""
+    fixtures = REPO / "tests" / "fixtures"
+    checks = [("gpt2", [str(fixtures / "make_hf_fixture.py")])] + \
+        [(family, [str(fixtures / "make_hf_families.py"), "--family", family])
+         for family in ("mistral", "phi", "phi3", "llama")]
+    rows = []
+    for family, command in checks:
+        model, card = load_gpt2.load_model(str(fixtures / f"hf_tiny_{family}"))
+        # the mistral export is cut into shards with an index, as the Hub's large checkpoints are
+        load_gpt2.export_hf(model, tmp / f"export_{family}", card, max_shard_bytes=60_000 if family == "mistral"
+                            else load_gpt2.MAX_SHARD_BYTES)
+        result = subprocess.run([hf_python, *command, "--check-export", str(tmp / f"export_{family}")],
+                                capture_output=True, text=True)
+        rows.append({"bench": "load", "model": f"{family} fixture export", "loader": "transformers",
+                     "ok": result.returncode == 0, "detail": result.stdout.strip().splitlines()[-1]
+                     if result.stdout.strip() else result.stderr[-200:]})
+    return rows
+
+
+def memory_columns(m: dict, model_bytes: int) -> dict:
+    return {"peak_rss_mb": round(m["peak_rss"] / 1e6), "import_rss_mb": round(m["import_rss"] / 1e6),
+            "peak/model": round(m["peak_rss"] / model_bytes, 3),
+            "(peak-import)/model": round((m["peak_rss"] - m["import_rss"]) / model_bytes, 3)}
+
+
+def gpt2_rows(args: argparse.Namespace, tmp: Path) -> list[dict]:
+    rows = []
+    for name in args.load_models:
+        folder = tmp / name
+        n_params = write_random_hub_checkpoint(name, folder)
+        file_bytes = read_through(folder)
+        loaders = [("ours", sys.executable, OURS)]
+        if args.hf_python:
+            loaders.append(("transformers", args.hf_python, TRANSFORMERS))
+        for dtype in args.load_dtypes:
+            model_bytes = n_params * torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+            for loader, python, script in loaders:
+                m = measure(python, script, str(folder), dtype)
+                rows.append({"bench": "load", "model": name, "loader": loader, "dtype": dtype,
+                             "file_mb": round(file_bytes / 1e6), "model_mb": round(model_bytes / 1e6),
+                             "seconds": round(m["seconds"], 2), **memory_columns(m, model_bytes),
+                             "peak_after_use_mb": round(m["touched_rss"] / 1e6)})
+        for path in folder.glob("*.safetensors"):
+            path.unlink()  # free the disk before the next size
+    return rows
+
+
+def mistral_row(args: argparse.Namespace, tmp: Path) -> dict:
+    folder = tmp / "mistral"
+    n_params = write_random_mistral(folder, args.mistral_layers)
+    file_bytes = read_through(folder)
+    model_bytes = n_params * 2
+    m = measure(sys.executable, OURS_DECODE, str(folder), "16", str(args.mistral_new_tokens))
+    n = args.mistral_new_tokens
+    shards = len(list(folder.glob("*.safetensors")))
+    return {"bench": "load", "model": f"Mistral-7B-shaped, {args.mistral_layers} of 32 layers, "
+            f"{n_params / 1e9:.2f}B params, {shards} shard(s)", "loader": "ours", "dtype": "bfloat16",
+            "file_mb": round(file_bytes / 1e6), "model_mb": round(model_bytes / 1e6), "seconds": round(m["seconds"], 2),
+            **memory_columns(m, model_bytes), "peak_while_decoding_mb": round(m["decode_rss"] / 1e6),
+            "first_token_s": round(m["first_token_s"], 2),
+            "tokens_per_s": round((n - 1) / m["later_tokens_s"], 2) if n > 1 else None,
+            "note": "target peak/model <= 1.15 (the import weighs more on a small shape)"}
 
 
 def run(args: argparse.Namespace) -> list[dict]:
     rows = []
-    with tempfile.TemporaryDirectory(prefix="bench_load_") as tmp:
+    if args.load_dir is not None:
+        args.load_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="bench_load_", dir=args.load_dir) as tmp:
         tmp = Path(tmp)
         if args.hf_python:
-            rows.append(export_check_row(args.hf_python, tmp))
-        for name in args.load_models:
-            folder = tmp / name
-            n_params = write_random_hub_checkpoint(name, folder)
-            file_bytes = (folder / "model.safetensors").stat().st_size
-            (folder / "model.safetensors").read_bytes()  # into the page cache: time the loaders, not the disk
-            loaders = [("ours", sys.executable, OURS)]
-            if args.hf_python:
-                loaders.append(("transformers", args.hf_python, TRANSFORMERS))
-            for dtype in args.load_dtypes:
-                model_bytes = n_params * torch.empty(0, dtype=getattr(torch, dtype)).element_size()
-                for loader, python, script in loaders:
-                    m = measure(python, script, folder, dtype)
-                    rows.append({
-                        "bench": "load", "model": name, "loader": loader, "dtype": dtype,
-                        "file_mb": round(file_bytes / 1e6), "model_mb": round(model_bytes / 1e6),
-                        "seconds": round(m["seconds"], 2),
-                        "peak_rss_mb": round(m["peak_rss"] / 1e6), "import_rss_mb": round(m["import_rss"] / 1e6),
-                        "peak/model": round(m["peak_rss"] / model_bytes, 2),
-                        "(peak-import)/model": round((m["peak_rss"] - m["import_rss"]) / model_bytes, 2),
-                        "peak_after_use_mb": round(m["touched_rss"] / 1e6),
-                    })
-            (folder / "model.safetensors").unlink()  # free the disk before the next size
+            rows += export_check_rows(args.hf_python, tmp)
+        rows += gpt2_rows(args, tmp)
+        if args.mistral_layers > 0:
+            rows.append(mistral_row(args, tmp))
     return rows
-
