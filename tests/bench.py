@@ -5,7 +5,9 @@
     python tests/bench.py train-step    # one GPT-2 124M training step on this CPU: tokens/s and MFU
     python tests/bench.py train         # pretrain.py's step: small preset, GPT-2 124M, 2-process DDP
     python tests/bench.py load --hf-python VENV/bin/python       # load time and peak RSS vs transformers
+    python tests/bench.py families --hf-python VENV/bin/python   # Mistral-shaped decoding vs transformers
     python tests/bench.py spam          # finetune_spam.py vs the book's recipe; accuracy; settings table
+    python tests/bench.py instruct      # finetune_instruct.py vs the book's ch. 7 recipe; gpt2-medium figures
     python tests/bench.py gpu           # CUDA only: bf16 compiled decoding and training MFU
 
 The measurements themselves live in tests/bench_parts/<stage>.py. transformers is never imported
@@ -18,7 +20,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: model.py & co.
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/, for bench_parts
 
+import bench_parts.families as families_bench  # noqa: E402
 import bench_parts.generate as generate_bench  # noqa: E402
+import bench_parts.instruct as instruct_bench  # noqa: E402
 import bench_parts.load as load_bench  # noqa: E402
 import bench_parts.spam as spam_bench  # noqa: E402
 import bench_parts.tokenizer as tokenizer_bench  # noqa: E402
@@ -40,7 +44,9 @@ BENCHMARKS = {
     "train-step": (lambda parser: train_bench.add_arguments(parser, cases=("gpt2",)), train_bench.run),
     "train": (train_bench.add_arguments, train_bench.run),
     "load": (load_bench.add_arguments, load_bench.run),
+    "families": (families_bench.add_arguments, families_bench.run),
     "spam": (spam_bench.add_arguments, spam_bench.run),
+    "instruct": (instruct_bench.add_arguments, instruct_bench.run),
     "gpu": (lambda parser: (generate_bench.add_arguments(parser, gpu=True),
                             train_bench.add_arguments(parser, cases=("gpu",))), gpu),
 }

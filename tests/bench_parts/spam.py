@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import finetune_spam as fs  # noqa: E402
+from tokenizer import get_tokenizer  # noqa: E402
 
 BOOK_PAD_TO = 120  # the longest training message of the book's split (its pandas split, seed 123)
 BOOK_STEPS_PER_EPOCH = 130  # 1045 training messages, batch 8, drop_last
@@ -204,7 +205,7 @@ def row(name: str, preset: str, trainable: str, metrics: dict, note: str = "") -
 def run(args: argparse.Namespace) -> list[dict]:
     rows = []
     messages = fs.load_messages(fs.default_data())
-    splits, data = fs.prepare_splits(messages, 1024)
+    splits, data = fs.prepare_splits(messages, get_tokenizer(), 1024)
     longest = max(len(t) for t in splits["train"].tokens)
     book = time_book_recipe(splits, args.spam_book_steps)
     extrapolated = args.spam_book_steps < BOOK_EPOCHS * BOOK_STEPS_PER_EPOCH
