@@ -1,14 +1,17 @@
-"""Data input: next-token windows, text reading, corpus preparation into token files, window sampling."""
+"""Data input: next-token windows, text reading, corpus preparation into token files for any tokenizer,
+the checks on a prepared folder, window sampling."""
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA
 
-from tokenizer import (GPTDataset, UserError, create_dataloader, get_tokenizer, load_tokens, prepare_corpus,
-                       read_text, sample_windows)
+from tokenizer import (GPTDataset, UserError, bos, create_dataloader, get_tokenizer, load_token_folder, load_tokenizer,
+                       load_tokens, prepare_corpus, read_text, sample_windows)
+
+FIXTURES = Path(__file__).parent / "fixtures" / "tokenizers"
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +41,9 @@ def test_text_shorter_than_one_window_is_a_user_error():
         GPTDataset(range(4), max_length=4, stride=1)
 
 
-def test_dataloader_batches_gpt2_tokens(enc):
-    text = read_text(SHARED_DATA / "text" / "the-verdict.txt")
+@pytest.mark.needs_files("text/the-verdict.txt")
+def test_dataloader_batches_gpt2_tokens(enc, offline_cache):
+    text = read_text(offline_cache / "text" / "the-verdict.txt")
     loader = create_dataloader(text, batch_size=2, max_length=8, stride=8, shuffle=False)
     x, y = next(iter(loader))
     assert x.shape == y.shape == (2, 8)
@@ -73,17 +77,19 @@ def test_unreadable_paths_are_user_errors(tmp_path):
 
 # -- token files -------------------------------------------------------------------------------
 
-def tokens_of(out_dir) -> list[int]:
-    return np.concatenate([np.fromfile(out_dir / name, dtype=np.uint16) for name in ("train.bin", "val.bin")]).tolist()
+def tokens_of(out_dir, dtype=np.uint16) -> list[int]:
+    return np.concatenate([np.fromfile(out_dir / name, dtype=dtype) for name in ("train.bin", "val.bin")]).tolist()
 
 
-def test_prepare_matches_encoding_the_whole_file(tmp_path, enc):
-    source = SHARED_DATA / "text" / "tinyshakespeare.txt"
+@pytest.mark.needs_files("text/tinyshakespeare.txt")
+def test_prepare_matches_encoding_the_whole_file(tmp_path, enc, offline_cache):
+    source = offline_cache / "text" / "tinyshakespeare.txt"
     result = prepare_corpus(source, tmp_path, val_fraction=0.1, num_threads=2, block_bytes=1 << 16)
     expected = enc.encode_ordinary(read_text(source)) + [enc.eot_token]
     assert tokens_of(tmp_path) == expected
     meta = json.loads((tmp_path / "meta.json").read_text())
-    assert meta == {"vocab_size": 50257, "eot_token": 50256, "train_tokens": len(expected) - len(expected) // 10,
+    assert meta == {"vocab_size": 50257, "dtype": "uint16", "eot_token": 50256, "bos_id": None, "eos_id": 50256,
+                    "tokenizer_name": "gpt2", "train_tokens": len(expected) - len(expected) // 10,
                     "val_tokens": len(expected) // 10, "sources": [str(source)]}
     assert result["bytes"] == source.stat().st_size
     assert sorted(p.name for p in tmp_path.iterdir()) == ["meta.json", "train.bin", "val.bin"]
@@ -157,3 +163,129 @@ def test_token_file_errors(tmp_path):
     np.arange(8, dtype=np.uint16).tofile(tmp_path / "short.bin")
     with pytest.raises(UserError, match="too few for one window"):
         sample_windows(load_tokens(tmp_path / "short.bin"), 1, 8, torch.Generator())
+
+
+# -- other tokenizers, wider ids, and checked folders ----------------------------------------------------
+
+MIXED_FRAGMENTS = ["word", " ", "  ", "\n", "\n\n", " \n", "\t", "\r\n", "é", "🤖", "日本語", "'s", "123", "!!",
+                   "e\u0301", "\u00a0", "\u3000", "\x85", "\u2028", "<s>", "</s>", "\u2581", "Ａ", "ﬁ"]
+
+
+def mixed_text(seed: int, n: int) -> str:
+    rng = random.Random(seed)
+    return "".join(rng.choice(MIXED_FRAGMENTS) for _ in range(n))
+
+
+@pytest.mark.parametrize("name", ["sp_nmt_nfkc.model", "sp_identity.model", "sp_nfkc_cf_suffix.model", "llama3_style"])
+def test_prepare_with_another_tokenizer_gives_bos_ids_eos_per_document(tmp_path, name):
+    tok = load_tokenizer(FIXTURES / name)
+    docs = [mixed_text(0, 3000), "  Second   document.\nWith lines.\n\n", mixed_text(1, 500)]
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i, doc in enumerate(docs):
+        (corpus / f"{i}.txt").write_text(doc, encoding="utf-8")
+    expected = [i for doc in docs for i in [*bos(tok), *tok.encode_ordinary(doc), tok.eos_id]]
+    for block_bytes in (16, 700, 1 << 20):  # blocks cut through characters, lines and the dummy prefix
+        out = tmp_path / f"out{block_bytes}"
+        result = prepare_corpus(corpus, out, tokenizer=tok, tokenizer_name=name, val_fraction=0.0,
+                                block_bytes=block_bytes)
+        assert tokens_of(out) == expected, block_bytes
+    assert {key: result[key] for key in ("vocab_size", "dtype", "bos_id", "eos_id", "eot_token", "tokenizer_name")} == {
+        "vocab_size": tok.n_vocab, "dtype": "uint16", "bos_id": tok.bos_id, "eos_id": tok.eos_id,
+        "eot_token": tok.eos_id, "tokenizer_name": name}
+
+
+@pytest.mark.needs_files("hf/mistralai/Mistral-7B-v0.1/tokenizer.model", "text/tinyshakespeare.txt")
+def test_prepare_with_mistrals_tokenizer_in_small_blocks(tmp_path, offline_cache):
+    from tokenizer import fetch
+    tok = load_tokenizer(fetch("hf/mistralai/Mistral-7B-v0.1/tokenizer.model"))
+    text = read_text(offline_cache / "text" / "tinyshakespeare.txt")[:200_000]
+    (tmp_path / "s.txt").write_text(text, encoding="utf-8")
+    prepare_corpus(tmp_path / "s.txt", tmp_path / "out", tokenizer=tok, tokenizer_name="mistral", block_bytes=4096)
+    train, val, meta = load_token_folder(tmp_path / "out")
+    assert np.concatenate([train, val]).tolist() == [1, *tok.encode_ordinary(text), 2]
+    assert (meta["bos_id"], meta["eos_id"], train.dtype) == (1, 2, np.uint16)
+
+
+@pytest.fixture
+def wide_tokenizer(tmp_path):
+    """llama3_style with one more added token whose id needs 32 bits, as Llama 3's 128,256 tokens do."""
+    spec = json.loads((FIXTURES / "llama3_style" / "tokenizer.json").read_text(encoding="utf-8"))
+    spec["added_tokens"].append({"id": 70_000, "content": "<|wide|>", "single_word": False, "lstrip": False,
+                                 "rstrip": False, "normalized": False, "special": True})
+    folder = tmp_path / "wide"
+    folder.mkdir()
+    (folder / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|wide|>"}))
+    return load_tokenizer(folder)
+
+
+def test_prepare_stores_uint32_when_ids_do_not_fit_uint16(tmp_path, wide_tokenizer):
+    (tmp_path / "t.txt").write_text("A small text for a wide vocabulary.\n" * 40)
+    prepare_corpus(tmp_path / "t.txt", tmp_path / "out", tokenizer=wide_tokenizer, val_fraction=0.25)
+    train, val, meta = load_token_folder(tmp_path / "out")
+    assert meta["dtype"] == "uint32" and train.dtype == val.dtype == np.uint32
+    ids = np.concatenate([train, val]).tolist()
+    assert ids == [1200, *wide_tokenizer.encode_ordinary("A small text for a wide vocabulary.\n" * 40), 70_000]
+    x, y = sample_windows(train, 2, 8, torch.Generator().manual_seed(0))
+    assert x.dtype == torch.int64 and torch.equal(x[:, 1:], y[:, :-1])
+    assert load_tokens(tmp_path / "out" / "train.bin", "uint32").tolist() == train.tolist()
+
+
+def test_a_tokenizer_without_end_of_text_cannot_prepare(tmp_path):
+    spec = json.loads((FIXTURES / "llama3_style" / "tokenizer.json").read_text(encoding="utf-8"))
+    spec["added_tokens"] = []
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    (tmp_path / "t.txt").write_text("text")
+    with pytest.raises(UserError, match="no end-of-text token"):
+        prepare_corpus(tmp_path / "t.txt", tmp_path / "out", tokenizer=load_tokenizer(tmp_path / "tokenizer.json"))
+
+
+@pytest.fixture
+def prepared(tmp_path):
+    (tmp_path / "t.txt").write_text("Some text to prepare. " * 200)
+    prepare_corpus(tmp_path / "t.txt", tmp_path / "tokens", val_fraction=0.1)
+    return tmp_path / "tokens"
+
+
+def test_load_token_folder(prepared):
+    train, val, meta = load_token_folder(prepared)
+    assert (len(train), len(val)) == (meta["train_tokens"], meta["val_tokens"]) and train.dtype == np.uint16
+    meta.pop("dtype")  # a folder written before meta.json named its dtype: uint16
+    (prepared / "meta.json").write_text(json.dumps(meta))
+    assert load_token_folder(prepared)[0].dtype == np.uint16
+
+
+def folder_error(folder) -> str:
+    with pytest.raises(UserError) as info:
+        load_token_folder(folder)
+    message = str(info.value)
+    assert "\n" not in message and "tokenizer.py prepare" in message
+    return message
+
+
+def test_a_token_folder_that_lies_is_refused(prepared, tmp_path):
+    train = (prepared / "train.bin").read_bytes()
+    (prepared / "train.bin").write_bytes(train + b"\0")  # odd-sized: half a token
+    assert "train.bin has" in folder_error(prepared) and "not a whole number of uint16 tokens" in folder_error(prepared)
+    (prepared / "train.bin").write_bytes(train[:-20])  # cut short by whole tokens
+    assert "train.bin holds" in folder_error(prepared) and "meta.json says" in folder_error(prepared)
+    (prepared / "train.bin").write_bytes(train)
+    meta = (prepared / "meta.json").read_text()
+    (prepared / "meta.json").write_text(meta[:-10])  # corrupt
+    assert "meta.json is not valid JSON" in folder_error(prepared)
+    (prepared / "meta.json").write_text(json.dumps({**json.loads(meta), "val_tokens": "many"}))
+    assert "whole numbers" in folder_error(prepared)
+    (prepared / "meta.json").write_text(json.dumps({**json.loads(meta), "dtype": "float32"}))
+    assert "float32" in folder_error(prepared)
+    (prepared / "meta.json").unlink()
+    assert "meta.json is missing" in folder_error(prepared)
+    assert "does not exist" in folder_error(tmp_path / "nowhere")
+
+
+def test_load_tokens_refuses_half_tokens(tmp_path):
+    (tmp_path / "t.bin").write_bytes(b"\0" * 7)
+    with pytest.raises(UserError, match="not a whole number of uint16 tokens"):
+        load_tokens(tmp_path / "t.bin")
+    with pytest.raises(UserError, match="not a whole number of uint32 tokens"):
+        load_tokens(tmp_path / "t.bin", "uint32")

@@ -1,9 +1,12 @@
 """BPETokenizer: exact agreement with tiktoken's GPT-2 encoding, special tokens, training, files."""
 import pytest
-from conftest import SHARED_DATA
 
 from bench_parts.tokenizer import naive_train
-from tokenizer import ENDOFTEXT, BPETokenizer, UserError, get_tokenizer, read_text
+from tokenizer import ENDOFTEXT, BPETokenizer, UserError, fetch, get_tokenizer, read_text
+
+# The shared data that is text (the folder also holds a binary tokenizer.model), by download-cache path.
+TEXT_FILES = ["text/the-verdict.txt", "text/tinyshakespeare.txt", "sms_spam/SMSSpamCollection",
+              "instruct/instruction-data.json"]
 
 
 @pytest.fixture(scope="module")
@@ -78,16 +81,17 @@ def test_special_token_semantics(scratch, fast):
         assert tok.encode_ordinary(text) == tok.encode(text, disallowed_special=())
 
 
-@pytest.mark.parametrize("path", sorted(p for p in SHARED_DATA.rglob("*") if p.is_file()),
-                         ids=lambda p: str(p.relative_to(SHARED_DATA)))
-def test_shared_text_files_match_tiktoken(scratch, fast, path):
-    text = read_text(path)
+@pytest.mark.parametrize("relpath", [pytest.param(p, marks=pytest.mark.needs_files(p)) for p in TEXT_FILES],
+                         ids=TEXT_FILES)
+def test_shared_text_files_match_tiktoken(scratch, fast, offline_cache, relpath):
+    text = read_text(offline_cache / relpath)
     assert scratch.encode_ordinary(text) == fast.encode_ordinary(text)
     assert scratch.encode(text, allowed_special="all") == fast.encode(text, allowed_special="all")
 
 
-def test_each_sms_message_matches_tiktoken(scratch, fast):
-    lines = read_text(SHARED_DATA / "sms_spam" / "SMSSpamCollection").splitlines()
+@pytest.mark.needs_files("sms_spam/SMSSpamCollection")
+def test_each_sms_message_matches_tiktoken(scratch, fast, offline_cache):
+    lines = read_text(offline_cache / "sms_spam" / "SMSSpamCollection").splitlines()
     messages = [line.split("\t", 1)[1] for line in lines]
     assert len(messages) == 5574
     mismatched = [m for m in messages if scratch.encode(m) != fast.encode(m)]
@@ -122,7 +126,7 @@ def test_both_backends_share_the_interface(scratch, fast):
 
 @pytest.fixture(scope="module")
 def verdict() -> str:
-    return read_text(SHARED_DATA / "text" / "the-verdict.txt")
+    return read_text(fetch("text/the-verdict.txt"))
 
 
 @pytest.fixture(scope="module")
@@ -194,3 +198,8 @@ def test_load_of_a_bad_file_is_a_user_error(tmp_path):
         BPETokenizer.load(tmp_path / "bad.json")
     with pytest.raises(UserError, match="cannot load"):
         BPETokenizer.load(tmp_path / "missing.json")
+
+
+def test_gpt2_pieces_in_their_printable_spelling(scratch):
+    assert [scratch.id_to_piece(i) for i in scratch.encode("Hello world\n<|endoftext|>", allowed_special="all")] == [
+        "Hello", "Ġworld", "Ċ", "<|endoftext|>"]

@@ -1,18 +1,48 @@
-"""Smoke tests of `python tokenizer.py` in a subprocess, as a user runs it (offline cache from conftest)."""
+"""`python tokenizer.py` as a user runs it: a few subprocess smoke tests (offline cache from conftest),
+and its main/parse_args in-process for the many ways a command can go wrong."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
-from conftest import REPO, SHARED_DATA
+import pytest
+from conftest import REPO
 
-from tokenizer import BPETokenizer
+import tokenizer
+from tokenizer import BPETokenizer, UserError
 
-VERDICT = SHARED_DATA / "text" / "the-verdict.txt"
+FIXTURES = Path(__file__).parent / "fixtures" / "tokenizers"
+pytestmark = pytest.mark.needs_files("gpt2/encoder.json", "gpt2/vocab.bpe", "text/the-verdict.txt")
+
+
+@pytest.fixture(scope="module")
+def verdict(offline_cache) -> Path:
+    return offline_cache / "text" / "the-verdict.txt"
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "tokenizer.py", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=120)
+
+
+def run_in_process(argv: list[str], capsys) -> tuple[int, str, str]:
+    """tokenizer.py's entry point, run_stage(main, parse_args), in this process: exit code, stdout, stderr."""
+    try:
+        tokenizer.run_stage(tokenizer.main, lambda: tokenizer.parse_args(argv))
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def one_error_line(code: int, err: str) -> str:
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
 
 
 def test_no_arguments_shows_both_backends_agreeing():
@@ -28,16 +58,97 @@ def test_encode_command():
     assert "backends agree: yes" in result.stdout and "50256" not in result.stdout
 
 
-def test_train_and_prepare_commands(tmp_path):
-    result = run("train", str(VERDICT), "--vocab-size", "300", "--out", str(tmp_path / "tok.json"))
+def test_encode_with_a_tokenizer_file():
+    result = run("encode", "--tokenizer", str(FIXTURES / "sp_identity.model"), "Hello world<s>")
+    assert result.returncode == 0, result.stderr
+    tok = tokenizer.load_tokenizer(FIXTURES / "sp_identity.model")
+    ids = tok.encode("Hello world<s>", allowed_special="all")
+    assert f"ids    ({len(ids)}): {ids}" in result.stdout and ids[-1] == tok.bos_id
+    assert " | ".join(repr(tok.id_to_piece(i)) for i in ids) in result.stdout
+
+
+def test_encode_shows_a_tokenizer_json_without_specials(capsys):
+    code, out, _ = run_in_process(["encode", "--tokenizer", str(FIXTURES / "llama3_style"), "--no-special",
+                                   "<|begin_of_text|>Hi"], capsys)
+    ids_line = out.splitlines()[0]
+    assert code == 0 and "1200" not in ids_line and "'<'" in out and "decoded: '<|begin_of_text|>Hi'" in out
+
+
+def test_encode_with_a_file_that_is_no_tokenizer(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("not a tokenizer")
+    code, _, err = run_in_process(["encode", "--tokenizer", str(tmp_path / "notes.txt"), "x"], capsys)
+    assert "neither a SentencePiece model" in one_error_line(code, err)
+
+
+def test_train_and_prepare_commands(tmp_path, verdict):
+    result = run("train", str(verdict), "--vocab-size", "300", "--out", str(tmp_path / "tok.json"))
     assert result.returncode == 0, result.stderr
     assert BPETokenizer.load(tmp_path / "tok.json").n_vocab == 300
-    result = run("prepare", str(VERDICT), "--out", str(tmp_path / "data"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tok.json"]  # nothing else left behind
+    result = run("prepare", str(verdict), "--out", str(tmp_path / "data"))
     assert result.returncode == 0, result.stderr
-    assert json.loads((tmp_path / "data" / "meta.json").read_text())["train_tokens"] > 4000
+    meta = json.loads((tmp_path / "data" / "meta.json").read_text())
+    assert meta["train_tokens"] > 4000 and meta["tokenizer_name"] == "gpt2"
+
+
+def test_prepare_with_a_tokenizer(tmp_path, verdict, capsys):
+    code, out, err = run_in_process(["prepare", str(verdict), "--out", str(tmp_path / "data"), "--tokenizer",
+                                     str(FIXTURES / "sp_nmt_nfkc.model")], capsys)
+    assert code == 0, err
+    train, val, meta = tokenizer.load_token_folder(tmp_path / "data")
+    tok = tokenizer.load_tokenizer(FIXTURES / "sp_nmt_nfkc.model")
+    assert [*train, *val] == [tok.bos_id, *tok.encode_ordinary(verdict.read_text(encoding="utf-8")), tok.eos_id]
+    assert meta["tokenizer_name"] == str(FIXTURES / "sp_nmt_nfkc.model") and "(uint16)" in out
 
 
 def test_user_error_is_one_line_and_nonzero_exit(tmp_path):
     result = run("prepare", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "data"))
     assert result.returncode != 0
     assert result.stderr == f"error: {tmp_path / 'missing.txt'} does not exist\n"
+    assert not (tmp_path / "data").exists()
+
+
+# -- issue 14: bad values are refused when parsed, bad places before any work ------------------------------
+
+@pytest.mark.parametrize("argv, message", [
+    (["prepare", "in.txt", "--val-fraction", "1.5"], "--val-fraction"),
+    (["prepare", "in.txt", "--val-fraction", "nan"], "--val-fraction"),
+    (["prepare", "in.txt", "--val-fraction", "-0.1"], "--val-fraction"),
+    (["prepare", "in.txt", "--threads", "0"], "--threads"),
+    (["prepare", "in.txt", "--threads", "two"], "--threads"),
+    (["train", "in.txt", "--vocab-size", "10"], "--vocab-size"),
+    (["train", "in.txt", "--vocab-size", "inf"], "--vocab-size"),
+    (["encode"], "text"),
+])
+def test_bad_flag_values_are_refused_when_parsed(argv, message):
+    with pytest.raises(UserError, match=message):
+        tokenizer.parse_args(argv)
+
+
+@pytest.mark.parametrize("command", ["prepare", "train"])
+def test_out_that_is_a_file_or_unwritable(tmp_path, verdict, capsys, command):
+    regular = tmp_path / "regular"
+    regular.write_text("keep me")
+    # As root, permission bits do not stop writes; a path under a regular file cannot be written by anyone.
+    for out in (regular, regular / "sub" / ("data" if command == "prepare" else "v.json")):
+        extra = ["--vocab-size", "300"] if command == "train" else []
+        code, _, err = run_in_process([command, str(verdict), "--out", str(out), *extra], capsys)
+        assert str(out) in one_error_line(code, err)
+    assert regular.read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["regular"]  # nothing left behind
+
+
+def test_train_into_a_folder_is_refused(tmp_path, verdict, capsys):
+    code, _, err = run_in_process(["train", str(verdict), "--out", str(tmp_path), "--vocab-size", "300"], capsys)
+    assert "is a folder; name a file" in one_error_line(code, err)
+
+
+def test_earlier_results_are_kept_unless_forced(tmp_path, verdict, capsys):
+    for argv in (["prepare", str(verdict), "--out", str(tmp_path / "data")],
+                 ["train", str(verdict), "--out", str(tmp_path / "v.json"), "--vocab-size", "260"]):
+        assert run_in_process(argv, capsys)[0] == 0
+        before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+        code, _, err = run_in_process(argv, capsys)
+        assert "--force" in one_error_line(code, err)
+        assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == before
+        assert run_in_process([*argv, "--force"], capsys)[0] == 0
