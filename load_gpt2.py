@@ -38,7 +38,7 @@ from model import (GPT, GPTConfig, PRESETS, add_device_args, checkpoint_kind, de
                    load_checkpoint, unwrap)
 from tokenizer import (GPT2_ENCODER_SHA256, GPT2_VOCAB_SHA256, HUB_URL, KNOWN_FILES, MISTRAL_REPO, ArgumentParser,
                        DownloadError, UserError, bos, cache_dir, download, fetch, get_tokenizer, hub_headers,
-                       positive_int, run_stage)
+                       load_tokenizer, positive_int, run_stage)
 
 # ---------------------------------------------------------------------------------------------------
 # Safetensors, read and written with numpy. The format: an 8-byte little-endian header length N,
@@ -956,13 +956,7 @@ def tokenizer_for(extra: dict):
     name = extra.get("tokenizer", "gpt2")
     if name == "gpt2":
         return get_tokenizer()
-    path = tokenizer_path(name)
-    try:
-        from tokenizer import load_tokenizer  # SentencePiece and tokenizer.json readers, being added to tokenizer.py
-    except ImportError:
-        raise UserError(f"this model's tokenizer ({path}) needs tokenizer.load_tokenizer, which this checkout of "
-                        "tokenizer.py does not have yet") from None
-    return load_tokenizer(path)
+    return load_tokenizer(tokenizer_path(name))
 
 
 def add_init_args(parser: argparse.ArgumentParser, default: str, what: str = "starting weights") -> None:

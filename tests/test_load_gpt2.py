@@ -558,12 +558,8 @@ def test_tiny_presets_tokenizer_is_mistrals_cached_file():
     card = load_model("random", preset="mistral-tiny")[1]
     path = load_gpt2.tokenizer_path(card["tokenizer"])
     assert path == load_gpt2.cache_dir() / "hf/mistralai/Mistral-7B-v0.1/tokenizer.model" and path.is_file()
-    if hasattr(load_gpt2, "load_tokenizer") or hasattr(__import__("tokenizer"), "load_tokenizer"):
-        tokenizer = load_gpt2.tokenizer_for(card)
-        assert tokenizer.n_vocab == 32000 and tokenizer.bos_id == 1 and tokenizer.eos_id == 2
-    else:  # the SentencePiece reader is not in this checkout yet: one sentence saying so
-        with pytest.raises(UserError, match="load_tokenizer"):
-            load_gpt2.tokenizer_for(card)
+    tokenizer = load_gpt2.tokenizer_for(card)
+    assert tokenizer.n_vocab == 32000 and tokenizer.bos_id == 1 and tokenizer.eos_id == 2
 
 
 def test_gpt2_card_gives_gpt2s_tokenizer():
