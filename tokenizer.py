@@ -2097,7 +2097,7 @@ def _utf8_cut(data: bytes) -> int:
     return len(data)
 
 
-def _read_blocks(path: Path, errors: str, block_bytes: int) -> Iterator[tuple[str, int]]:
+def read_blocks(path: Path, errors: str, block_bytes: int) -> Iterator[tuple[str, int]]:
     """Decode a file block by block, yielding (text, bytes it came from); a bad byte names its offset."""
     offset, carry = 0, b""
     try:
@@ -2146,7 +2146,7 @@ def _tiktoken_gpt2_blocks(enc: tiktoken.Encoding, blocks: Iterable[str], num_thr
     yield from enc.encode_ordinary_batch([*chunks, pending], num_threads=num_threads)
 
 
-def _document_ids(tokenizer, blocks: Iterable[str], num_threads: int) -> Iterator[list[int]]:
+def document_ids(tokenizer, blocks: Iterable[str], num_threads: int) -> Iterator[list[int]]:
     """The ids of one document (no BOS/EOS) as lists, from its text blocks, for any tokenizer."""
     if isinstance(tokenizer, tiktoken.Encoding) and tokenizer._pat_str == GPT2_PATTERN:
         return _tiktoken_gpt2_blocks(tokenizer, blocks, num_threads)
@@ -2198,14 +2198,14 @@ def prepare_corpus(source: str | Path, out_dir: str | Path, *, tokenizer=None, t
 
                 def blocks(path: Path = path) -> Iterator[str]:  # the file's text, counted as it is read
                     nonlocal bytes_done, has_text
-                    for text, n_bytes in _read_blocks(path, errors, block_bytes):
+                    for text, n_bytes in read_blocks(path, errors, block_bytes):
                         has_text = has_text or bool(text)
                         bytes_done += n_bytes
                         progress.update(bytes_done, f"{n_tokens:,} tokens")
                         yield text
 
                 started = False  # BOS is written before the first ids of a file that has text
-                for ids in _document_ids(tok, blocks(), num_threads):
+                for ids in document_ids(tok, blocks(), num_threads):
                     if has_text and not started:
                         write(start_ids)
                         started = True

@@ -8,6 +8,7 @@
     python tests/bench.py families --hf-python VENV/bin/python   # Mistral-shaped decoding vs transformers
     python tests/bench.py spam          # finetune_spam.py vs the book's recipe; accuracy; settings table
     python tests/bench.py instruct      # finetune_instruct.py vs the book's ch. 7 recipe; gpt2-medium figures
+    python tests/bench.py evaluate      # choice items/s vs a forward per choice; contamination MB/s and memory; perplexity
     python tests/bench.py gpu           # CUDA only: bf16 compiled decoding and training MFU
 
 The measurements themselves live in tests/bench_parts/<stage>.py. transformers is never imported
@@ -20,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: model.py & co.
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/, for bench_parts
 
+import bench_parts.evaluate as evaluate_bench  # noqa: E402
 import bench_parts.families as families_bench  # noqa: E402
 import bench_parts.generate as generate_bench  # noqa: E402
 import bench_parts.instruct as instruct_bench  # noqa: E402
@@ -47,6 +49,7 @@ BENCHMARKS = {
     "families": (families_bench.add_arguments, families_bench.run),
     "spam": (spam_bench.add_arguments, spam_bench.run),
     "instruct": (instruct_bench.add_arguments, instruct_bench.run),
+    "evaluate": (evaluate_bench.add_arguments, evaluate_bench.run),
     "gpu": (lambda parser: (generate_bench.add_arguments(parser, gpu=True),
                             train_bench.add_arguments(parser, cases=("gpu",))), gpu),
 }
