@@ -915,20 +915,13 @@ def load_model(init: str, *, preset: str | None = None, device: torch.device | s
         model_type, tokenizer = PRESET_CARDS[preset]
         return model.to(dtype), {"model_type": model_type, "tokenizer": tokenizer}
     path = Path(init)
-    if init not in GPT2_REPOS and path.is_file():
-        kind = checkpoint_kind(path)
-        if kind == "empty":
-            raise UserError(f"{path} is empty (0 bytes): it was never written completely")
-        if kind == "other":
-            raise UserError(f"{path} is neither a checkpoint of this project (a torch.save zip archive) nor a "
-                            "safetensors file")
-        if kind == "torch":
-            try:
-                model, extra = load_checkpoint(path, device)
-            except ValueError as e:
-                raise UserError(str(e)) from None
-            # checkpoints written before cards existed are GPT-2's
-            return model.to(dtype), {"model_type": "gpt2", "tokenizer": "gpt2", **extra}
+    if init not in GPT2_REPOS and path.is_file() and checkpoint_kind(path) != "safetensors":
+        try:
+            model, extra = load_checkpoint(path, device)  # ours, or a one-sentence reason why not
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        # checkpoints written before cards existed are GPT-2's
+        return model.to(dtype), {"model_type": "gpt2", "tokenizer": "gpt2", **extra}
     return load_pretrained(init, device, dtype)
 
 
@@ -998,6 +991,22 @@ def _copy_tokenizer_files(card_tokenizer: str, out_dir: Path) -> list[str]:
     return [name for _, name in pairs]
 
 
+def plan_shards(sizes: dict[str, int], max_shard_bytes: int) -> tuple[list[str], list[list[str]]]:
+    """How the Hub cuts weights into files: tensors (name -> bytes) in order, a new shard whenever the
+    next one would pass max_shard_bytes. Returns the file names (model.safetensors when one is enough,
+    else model-00001-of-0000N.safetensors, ...) and the tensor names of each."""
+    shards, size = [[]], 0
+    for name, nbytes in sizes.items():
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    names = ["model.safetensors"] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    return names, shards
+
+
 def export_hf(model: torch.nn.Module, out_dir: str | Path, card: dict | None = None, *, force: bool = False,
               max_shard_bytes: int = MAX_SHARD_BYTES, tokenizer=None) -> Path:
     """Write the model in its family's Hub layout (as save_pretrained does): config.json with
@@ -1034,16 +1043,8 @@ def export_hf(model: torch.nn.Module, out_dir: str | Path, card: dict | None = N
     for hub_name, (our_name, placement, _, rows) in hub_tensors(model_type, gpt).items():
         t = state[our_name].detach()
         tensors[hub_name] = t.t() if placement == TRANSPOSE else t[rows[0]:rows[1]] if rows else t
-    shards, size = [[]], 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
-    names = ["model.safetensors"] if len(shards) == 1 else \
-        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    names, shards = plan_shards({name: t.numel() * t.element_size() for name, t in tensors.items()},
+                                max_shard_bytes)
     token_ids = (getattr(tokenizer, "bos_id", None), getattr(tokenizer, "eos_id", None))
     try:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -699,7 +699,8 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
         raise ValueError(f"{path} is a safetensors file (weights in the Hugging Face layout), not a checkpoint "
                          "saved by this project; pass it where a Hub-layout model is accepted (--init)")
     if kind == "other":
-        raise ValueError(f"{path} is not a readable checkpoint (not the zip archive that torch.save writes)")
+        raise ValueError(f"{path} is neither a checkpoint of this project (the zip archive torch.save writes) "
+                         "nor a safetensors file")
     try:
         checkpoint = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError:  # torch's message here advises unsafe loading: not ours to repeat

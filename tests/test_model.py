@@ -167,7 +167,7 @@ def test_a_bad_checkpoint_is_a_value_error(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         M.load_checkpoint(tmp_path / "missing.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="not a readable checkpoint"):
+    with pytest.raises(ValueError, match="neither a checkpoint of this project"):
         M.load_checkpoint(tmp_path / "junk.pt")
     torch.save({"weights": {}}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a checkpoint of this project"):

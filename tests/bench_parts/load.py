@@ -126,16 +126,8 @@ def write_random_shards(folder: Path, tensors: dict[str, tuple[tuple[int, ...], 
     tensors: name -> (shape, fill), fill "normal" (std 0.02), "ones" (norm gains) or "causal" (GPT-2's
     lower-triangular mask buffer)."""
     element = torch.empty(0, dtype=dtype).element_size()
-    shards, size = [[]], 0
-    for name, (shape, _) in tensors.items():
-        nbytes = element * torch.Size(shape).numel()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
-    names = ["model.safetensors"] if len(shards) == 1 else \
-        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    names, shards = load_gpt2.plan_shards({name: element * torch.Size(shape).numel()
+                                           for name, (shape, _) in tensors.items()}, max_shard_bytes)
     dtype_name = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}[dtype]
     generator = torch.Generator().manual_seed(0)
     for file_name, shard in zip(names, shards):
