@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import pretrain
 from generate import TextStream, generate, left_pad
 from load_gpt2 import add_init_args, load_model, model_card, tokenizer_for
 from model import GPT, add_device_args, add_lora, autocast, device_and_dtype, merge_lora, save_checkpoint
@@ -676,6 +677,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="answer INSTRUCTION with the finetuned model instead of training; repeatable; - reads one "
                         "instruction per line from stdin")
     p.add_argument("--checkpoint", default=None, help=f"the model --ask uses; default: OUT_DIR/{MODEL_FILE}")
+    p.add_argument("--plan", action="store_true",
+                   help="print what training needs (memory, FLOPs, time on this CPU and on A100, H100, H200, L4) "
+                        "and whether it fits, write OUT_DIR/plan.json, and train nothing (pretrain.py's planner; "
+                        "every batch is taken as long as --max-length, else the model's context)")
     args = p.parse_args(argv)
     if args.preset is not None and args.init != "random":
         p.error(f"--preset only applies to --init random; {args.init} brings its own size")
@@ -684,7 +689,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def plan_main(args: argparse.Namespace) -> dict:
+    """--plan: the model's config without its weights; with --trainable lora only the adapters train."""
+    config, what = pretrain.init_config(args.init, args.preset)
+    trainable = None
+    if args.trainable == "lora":
+        with torch.device("meta"):  # shapes only
+            model = GPT(config)
+        model.requires_grad_(False)
+        add_lora(model, args.lora_rank, args.lora_alpha)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    plan = pretrain.make_plan(config, batch_size=args.batch_size, block_size=args.max_length or config.block_size,
+                              dtype_name=args.dtype, device=device_and_dtype(args.device, args.dtype)[0],
+                              trainable_params=trainable, what=what)
+    return pretrain.report_plan(plan, args.out_dir)
+
+
 def main(args: argparse.Namespace) -> dict:
+    if args.plan:
+        return plan_main(args)
     return ask_main(args) if args.ask else train_main(args)
 
 

@@ -4,103 +4,147 @@
 
 With no flags this downloads Tiny Shakespeare once, tokenizes it once into the download cache, and
 trains a small GPT whose samples, printed every --eval-every steps, go from noise to play-like text.
-Several processes (GPUs, or CPU processes) run the same script under torchrun:
+Any family trains the same way, each with its own tokenizer (--preset mistral-tiny, --init FOLDER of
+a Hub-layout model). Before a big run, ask what it needs; several processes run under torchrun:
 
+    python pretrain.py --plan --preset gpt2 --block-size 1024 --batch-size 16   # memory and time, no training
     torchrun --standalone --nproc_per_node=8 pretrain.py --preset gpt2 --data 'corpus/*.txt'
+    torchrun --standalone --nproc_per_node=8 pretrain.py --init mistralai/Mistral-7B-v0.1 --strategy fsdp \\
+        --activation-checkpointing --block-size 4096 --batch-size 1
+    python pretrain.py --consolidate out/pretrain/best.dcp    # an FSDP checkpoint -> best.pt, one file
 
-Reading order: the command line; the learning-rate schedule and known device peaks; data (text is
-prepared once into token files); processes (torchrun + DistributedDataParallel); one training step;
-evaluation and samples; checkpoints; then train(), the loop that ties them together.
+Reading order: the command line; the schedule and the devices' data-sheet figures; planning (what a
+run needs in memory and time, before it starts); data (text is prepared once into token files, with
+the model's own tokenizer); processes (torchrun); the model, replicated (DDP) or sharded (FSDP); one
+training step; evaluation and samples; checkpoints, single-file and sharded; then train(), the loop
+that ties them together.
 """
 import argparse
 import dataclasses
+import functools
 import hashlib
+import io
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import signal
+import sys
 import threading
 import time
-from contextlib import nullcontext
+import warnings
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.checkpoint import checkpoint
 
+import load_gpt2
 import tokenizer
-from generate import generate
-from load_gpt2 import load_model
-from model import (DTYPES, GPT, PRESETS, autocast, get_config, load_checkpoint, resolve_device,
-                   resolve_dtype, save_checkpoint)
-from tokenizer import UserError, load_tokens, prepare_corpus, run_stage, sample_windows
+from generate import sample_next
+from load_gpt2 import add_init_args, load_model, model_card, tokenizer_for
+from model import (DTYPES, GPT, GPTConfig, add_device_args, autocast, checkpoint_kind, get_config, load_checkpoint,
+                   resolve_device, resolve_dtype, save_checkpoint)
+from tokenizer import (ArgumentParser, RunLock, UserError, atomic_write, bos, non_negative_float, non_negative_int,
+                       positive_float, positive_int, run_stage, sample_windows, unit_interval, writable_folder)
+
+STRATEGIES = ("ddp", "fsdp")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=None,
-                   help="a text file, folder or glob (tokenized once into the download cache's tokens/ "
-                        "folder and reused while the files are unchanged), or a folder holding train.bin "
-                        "and val.bin from `tokenizer.py prepare`; None: Tiny Shakespeare, downloaded once")
+                   help="a text file, folder or glob (tokenized once, with the model's tokenizer, into the download "
+                        "cache's tokens/ folder and reused while the files are unchanged), or a folder holding "
+                        "train.bin, val.bin and meta.json from `tokenizer.py prepare`; None: Tiny Shakespeare, "
+                        "downloaded once")
     p.add_argument("--errors", choices=("strict", "replace"), default="strict",
                    help="text that is not UTF-8: stop with an error, or decode bad bytes as U+FFFD")
-    p.add_argument("--init", default="random",
-                   help="'random' (a new model of --preset), a GPT-2 name (gpt2, gpt2-medium, ...) to "
-                        "continue pretraining OpenAI's weights, or a checkpoint path (ours or the Hub's layout)")
-    p.add_argument("--preset", default="mini", choices=list(PRESETS),
-                   help="model size for --init random")
-    p.add_argument("--block-size", type=int, default=None,
+    add_init_args(p, "random", "starting weights (to continue pretraining them; 'random' uses --preset mini unless "
+                               "told otherwise)")
+    p.add_argument("--block-size", type=positive_int, default=None,
                    help="training context in tokens; None: the model's block_size. A random model gets "
                         "exactly this context; a loaded one must have at least this much")
-    p.add_argument("--dropout", type=float, default=0.0, help="dropout probability in the model while training")
+    p.add_argument("--dropout", type=unit_interval, default=0.0, help="dropout probability in the model while training")
     p.add_argument("--out-dir", default="out/pretrain",
-                   help="run folder: ckpt.pt (latest, to resume), best.pt (best validation loss), metrics.jsonl")
+                   help="run folder: ckpt.pt (latest, to resume), best.pt (best validation loss), metrics.jsonl; "
+                        "under --strategy fsdp the folders ckpt.dcp and best.dcp instead (see --consolidate); "
+                        "plan.json with --plan")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
-                   help="continue the run saved in OUT_DIR/ckpt.pt: repeat the run's command and add --resume")
-    p.add_argument("--max-steps", type=int, default=200, help="optimizer steps in the whole run")
-    p.add_argument("--batch-size", type=int, default=4, help="sequences per micro-step in each process")
-    p.add_argument("--grad-accum", type=int, default=1,
+                   help="continue the run saved in OUT_DIR: repeat the run's command and add --resume (--max-steps, "
+                        "--device, the evaluation and saving intervals and the process count may change)")
+    p.add_argument("--max-steps", type=positive_int, default=200, help="optimizer steps in the whole run")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="sequences per micro-step in each process")
+    p.add_argument("--grad-accum", type=positive_int, default=1,
                    help="micro-steps per optimizer step; an optimizer step sees "
                         "batch-size x grad-accum x processes sequences")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate, reached after the warmup")
-    p.add_argument("--min-lr", type=float, default=1e-4, help="floor the cosine decay reaches at --max-steps")
-    p.add_argument("--warmup-steps", type=int, default=20, help="steps of linear learning-rate warmup")
-    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay, on weight matrices only")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this; 0 turns clipping off")
-    p.add_argument("--eval-every", type=int, default=25,
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="peak learning rate, reached after the warmup")
+    p.add_argument("--min-lr", type=non_negative_float, default=1e-4,
+                   help="floor the cosine decay reaches at --max-steps (at most --lr)")
+    p.add_argument("--warmup-steps", type=non_negative_int, default=20, help="steps of linear learning-rate warmup")
+    p.add_argument("--weight-decay", type=non_negative_float, default=0.1,
+                   help="AdamW weight decay, on weight matrices only")
+    p.add_argument("--grad-clip", type=non_negative_float, default=1.0,
+                   help="clip the gradient norm to this; 0 turns clipping off")
+    p.add_argument("--eval-every", type=positive_int, default=25,
                    help="steps between evaluations: validation loss, a sample, a progress line, a metrics record")
-    p.add_argument("--eval-batches", type=int, default=8,
+    p.add_argument("--eval-batches", type=positive_int, default=8,
                    help="validation batches of --batch-size sequences; the same windows at every evaluation")
-    p.add_argument("--save-every", type=int, default=100,
+    p.add_argument("--save-every", type=non_negative_int, default=100,
                    help="steps between checkpoints (one is also written at the end and on Ctrl-C); 0: never between")
-    p.add_argument("--sample-tokens", type=int, default=64, help="tokens in each printed sample; 0: no samples")
-    p.add_argument("--device", default="auto", help="auto picks cuda, then mps, then cpu")
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
-                   help="autocast precision; auto is bfloat16 on a GPU that supports it, else float32. "
-                        "float16 adds a gradient scaler")
+    p.add_argument("--sample-tokens", type=non_negative_int, default=64,
+                   help="tokens in each printed sample; 0: no samples")
+    add_device_args(p, ("auto", *DTYPES), "autocast precision (float16 adds a gradient scaler)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the model: a slow first step, then faster steps")
     p.add_argument("--seed", type=int, default=1337, help="seeds the model's initialisation, data order and dropout")
+    p.add_argument("--strategy", choices=STRATEGIES, default="ddp",
+                   help="several processes: ddp keeps a whole copy of the model, its gradients and optimizer state "
+                        "in every process; fsdp shards all three across the processes (one unit per block), so "
+                        "each holds 1/N of them (bfloat16 weights in the matmuls, float32 gradient reduction on "
+                        "GPUs). Without torchrun, fsdp runs one process")
+    p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=False,
+                   help="keep only each block's input for the backward pass and recompute the rest there: "
+                        "much less activation memory for about a third more compute")
+    p.add_argument("--plan", action="store_true",
+                   help="print what the run needs (parameters, memory per process, FLOPs, time on this CPU and on "
+                        "A100, H100, H200, L4) and whether it fits, write OUT_DIR/plan.json, and train nothing")
+    p.add_argument("--plan-processes", type=positive_int, default=None,
+                   help="processes the plan assumes; None: torchrun's WORLD_SIZE, else 1")
+    p.add_argument("--consolidate", metavar="DCP_FOLDER", default=None,
+                   help="convert an FSDP checkpoint folder (OUT_DIR/best.dcp or ckpt.dcp) into the project's "
+                        "single-file checkpoint beside it (best.pt, ckpt.pt), which generate.py, the finetunes "
+                        "and load_gpt2.py --export read; trains nothing")
     args = p.parse_args(argv)
-    for name in ("max_steps", "warmup_steps", "save_every", "sample_tokens"):
-        if getattr(args, name) < 0:
-            p.error(f"--{name.replace('_', '-')} must be 0 or more")
-    for name in ("batch_size", "grad_accum", "eval_every", "eval_batches"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.block_size is not None and args.block_size < 1:
-        p.error("--block-size must be at least 1")
-    if not 0 <= args.dropout < 1:
-        p.error("--dropout must be in [0, 1)")
+    if args.init == "random":
+        args.preset = args.preset or "mini"
+    elif args.preset is not None:
+        p.error(f"--preset only applies to --init random; {args.init} brings its own size")
+    if args.min_lr > args.lr:
+        p.error(f"--min-lr {args.min_lr} is above --lr {args.lr}; the schedule decays from --lr down to --min-lr")
+    if args.strategy == "fsdp" and args.dtype == "float16":
+        p.error("--strategy fsdp trains in bfloat16 or float32, not float16 (which needs a gradient scaler)")
+    if args.strategy == "fsdp" and args.compile:
+        p.error("--compile is not supported with --strategy fsdp; leave one of them out")
+    if args.plan and args.consolidate:
+        p.error("--plan and --consolidate are separate jobs; give one of them")
+    if args.plan_processes is not None and not args.plan:
+        p.error("--plan-processes only applies with --plan")
     return args
 
 
 # ---------------------------------------------------------------------------------------------------
-# Schedule and speed
+# Schedule and devices
 
 def get_lr(step: int, *, lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
     """Learning rate of optimizer step `step` (0-based): linear warmup to lr, then cosine decay to min_lr."""
@@ -118,6 +162,10 @@ PEAK_FLOPS_16BIT = [
     ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("B200", 2250e12),
     ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("RTX 4090", 165e12), ("V100", 125e12),
 ]
+# The GPUs --plan prices every run on: bf16 peak, and memory as nvidia-smi reports it (MiB), which is
+# what the data sheets' "80 GB", "141 GB", "24 GB" amount to (A100: the 80 GB model; H100: SXM).
+PLAN_GPUS = {"H100": (989e12, 81559 * 2**20), "H200": (989e12, 143771 * 2**20), "A100": (312e12, 81920 * 2**20),
+             "L4": (121e12, 23034 * 2**20)}
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
@@ -128,19 +176,415 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
     return next((peak for key, peak in PEAK_FLOPS_16BIT if key in name), None)
 
 
+def peak_memory(device: torch.device) -> int | None:
+    """The most memory this process has held: PyTorch's allocations on a GPU, the resident set on a CPU.
+
+    On Linux the resident peak is /proc's VmHWM, which starts afresh in a new program; getrusage's
+    ru_maxrss would also count the memory of the process it was started from (a fork, then exec)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss if sys.platform == "darwin" else maxrss * 1024  # bytes on macOS, KiB elsewhere
+
+
 # ---------------------------------------------------------------------------------------------------
-# Data: text -> token files, prepared once
+# Planning: what a run needs, before it starts
+#
+# Memory per process, in bytes, at the peak of a training step. AdamW keeps two float32 moments per
+# trainable weight, so weights, gradients and optimizer state take 4 + 4 + 8 = 16 bytes per
+# parameter (DDP: all of it in every process; FSDP: 1/N of it). Activations are what the forward pass
+# keeps for the backward pass; their count per token follows the blocks' code in model.py term by term
+# (see block_activations) and is checked against what autograd really saves in tests/test_plan.py.
 
-def token_folder(data: str | None, errors: str = "strict") -> Path:
-    """The folder holding train.bin and val.bin for --data, tokenizing text the first time it is seen.
+GPU_MFU = 0.40  # the share of the bf16 peak assumed sustained on GPUs (nanoGPT's GPT-2 124M: 48.9 % on an H200)
+CPU_MFU = 0.50  # the share of the measured float32 matmul rate assumed sustained on this CPU
+CUDA_CONTEXT_BYTES = 1e9  # the CUDA runtime's own memory on each GPU, outside PyTorch's allocations
+# What a training step adds on a CPU beyond its tensors: thread pools, matmul scratch buffers and the
+# memory the allocator keeps after frees (130-150 MB measured with torch 2.13 on Linux, any model size).
+CPU_STEP_BYTES = 150e6
 
-    Text goes to <download cache>/tokens/<name>-<fingerprint>/, where the fingerprint covers every
-    source file's path, size and modification time: an unchanged corpus is reused, an edited one is
-    tokenized again into a new folder."""
+
+def block_activations(config: GPTConfig, tokens: int, block_size: int, half: bool) -> float:
+    """Bytes one block keeps for backward over `tokens` tokens (micro-batch x context), per model.py.
+
+    In float32 every value takes 4 bytes; under 16-bit autocast the matmuls' inputs and outputs take
+    2, while the residual stream and RMSNorm's normalised values stay float32."""
+    C, H = config.n_embd, config.mlp_size
+    q, kv = config.n_head * config.head_size, config.kv_heads * config.head_size  # query, key/value widths
+    norms = 1 if config.parallel_block else 2
+    wide = 4  # float32 values: the residual stream, and RMSNorm's x * rsqrt(mean(x^2))
+    stream = C * (1 if config.parallel_block else 2)  # the block's input, and after attention (sequential)
+    if config.norm == "rmsnorm":
+        stream += norms * C
+    narrow = norms * C  # the normalised input of each matmul after a norm
+    narrow += q + 2 * kv  # c_attn's output: q, k, v
+    if config.positions == "rotary":
+        rotating = config.rotary_dim
+        narrow += (q + kv) + (config.n_head + config.kv_heads) * rotating  # rotated q and k, their rotated halves
+    narrow += q  # attention's output, c_proj's input
+    narrow += 4 * H if config.mlp == "swiglu" else 2 * H  # gate|up, silu(gate), their product; or c_fc out, gelu out
+    per_token = stream * wide + narrow * (2 if half else 4) + config.n_head * 4  # + attention's logsumexp
+    if config.dropout > 0:  # one byte of mask per value after each dropout (attention output, MLP output);
+        per_token += 2 * C  # on a CPU, attention's dropout also keeps its (T, T) weights: not counted here
+    total = tokens * per_token
+    if config.sliding_window is not None and config.sliding_window < block_size:
+        total += 4 * block_size * block_size  # the window's mask, as the float mask attention keeps (T, T)
+    return total
+
+
+def head_activations(config: GPTConfig, tokens: int, half: bool) -> tuple[float, float]:
+    """(kept through the backward pass, extra at its start) by the final norm, the LM head and the loss.
+
+    The loss keeps log-softmax's float32 output (tokens x vocabulary); its backward briefly adds the
+    incoming gradient and log-softmax's own (under autocast also their 16-bit cast), the largest
+    moment of a small model's step."""
+    norm = (3 if config.norm == "rmsnorm" else 2) * config.n_embd * tokens * 4
+    logits = tokens * config.vocab_size * 4
+    return norm + logits, 2 * logits + (tokens * config.vocab_size * 2 if half else 0)
+
+
+def parameter_counts(config: GPTConfig) -> tuple[int, int, bool]:
+    """(all parameters, those of one block, whether the head is tied to the embedding), counted on
+    the meta device (no memory) once per config."""
+    return _parameter_counts(dataclasses.astuple(config))
+
+
+@functools.lru_cache(maxsize=16)
+def _parameter_counts(fields: tuple) -> tuple[int, int, bool]:
+    with torch.device("meta"):
+        gpt = GPT(GPTConfig(*fields))
+    return gpt.num_params(), sum(p.numel() for p in gpt.transformer.h[0].parameters()), gpt.tied
+
+
+def memory_per_process(config: GPTConfig, *, batch_size: int, block_size: int, grad_accum: int = 1,
+                       processes: int = 1, strategy: str = "ddp", activation_checkpointing: bool = False,
+                       dtype: torch.dtype = torch.float32, trainable_params: int | None = None,
+                       baseline: float = 0.0) -> dict:
+    """Bytes one process holds at the peak of a training step, by part, and their sum ("total").
+
+    trainable_params: weights that get gradients and optimizer state (LoRA: the adapters); None: all.
+    baseline: the process's memory before the model exists (Python, torch, the CUDA context)."""
+    n, block_params, tied = parameter_counts(config)
+    outer_params = n - config.n_layer * block_params
+    n_train = n if trainable_params is None else trainable_params
+    half = dtype in (torch.bfloat16, torch.float16)
+    sharded = strategy == "fsdp"
+    share = processes if sharded else 1
+    weights, gradients, optimizer = 4 * n / share, 4 * n_train / share, 8 * n_train / share
+    working = 0.0  # copies that exist only during the forward and backward passes
+    if sharded:
+        # FSDP gathers each unit's whole weights when it runs and keeps its gradients whole until they
+        # are reduce-scattered: the outer unit (embeddings, final norm, head) for the whole step, and
+        # about two blocks at a time (the one running and the next, fetched ahead). bf16 on GPUs.
+        working = (outer_params + 2 * block_params) * ((2 if half else 4) + 4)
+    elif half:
+        working = 2 * (n - config.vocab_size * config.n_embd * (0 if tied else 1))  # autocast's bf16 weights
+    tokens = batch_size * block_size
+    per_block = block_activations(config, tokens, block_size, half)
+    if activation_checkpointing:  # every block's input, plus one block recomputed at a time in backward
+        activations = config.n_layer * tokens * config.n_embd * 4 + per_block
+    else:
+        activations = config.n_layer * per_block
+    kept, loss_peak = head_activations(config, tokens, half)
+    activations += kept
+    # The embedding's gradient arrives last, as a dense (vocabulary x n_embd) tensor that is then added
+    # to the head's (tied) gradient: two such tensors at the end of the backward pass (none when the
+    # embedding is frozen, as under LoRA).
+    embedding_grad = (2 if tied else 1) * 4 * config.vocab_size * config.n_embd if n_train == n else 0
+    # Gradients stay allocated between steps under DDP (its buckets) and FSDP, and between micro-steps;
+    # a lone process frees them after each step, and its backward starts before the first exists.
+    # (Under FSDP the embedding's gradient is part of the outer unit's working copies.)
+    if processes > 1 or grad_accum > 1 or sharded:
+        step_peak = gradients + max(activations + loss_peak, 0 if sharded else embedding_grad)
+    else:
+        step_peak = max(activations + loss_peak, gradients + embedding_grad)
+    total = baseline + weights + optimizer + working + step_peak
+    return {"parameters": n, "trainable_parameters": n_train, "weights": weights, "gradients": gradients,
+            "optimizer": optimizer, "activations": activations, "loss_peak": loss_peak, "working_copies": working,
+            "baseline": baseline, "total": total}
+
+
+def training_flops(config: GPTConfig, block_size: int, *, trainable_params: int | None = None,
+                   activation_checkpointing: bool = False) -> tuple[float, float]:
+    """(model FLOPs per token, FLOPs the hardware runs per token) for training at this context.
+
+    Model FLOPs are model.flops_per_token (6N + attention). Frozen weights (LoRA) skip their weight
+    gradient, 2 of the 6 FLOPs per weight; activation checkpointing runs each block's forward twice."""
+    with torch.device("meta"):
+        flops = GPT(config).flops_per_token(block_size)
+    n, block_params, _ = parameter_counts(config)
+    if trainable_params is not None:
+        flops -= 2 * max(0, n - trainable_params)
+    hardware = flops
+    if activation_checkpointing:
+        keys = min(block_size, config.sliding_window or block_size)
+        hardware += config.n_layer * (2 * block_params + 4 * config.n_head * config.head_size * keys)
+    return flops, hardware
+
+
+def cpu_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
+    """This CPU's float32 matmul rate, FLOP/s: the best of a few n x n products (~0.1 s)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm the thread pool and the kernels
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best
+
+
+def current_rss() -> float:
+    """This process's resident memory now, in bytes (Linux; elsewhere its peak so far)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return float(peak_memory(torch.device("cpu")) or 0)
+
+
+def machine_memory() -> float | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+# How a run that does not fit can be made to: changes to try, least disruptive first. A change that
+# raises the process count keeps the global batch (the micro-steps shrink) where it can.
+def fit_changes(run: dict, gpu: bool) -> list[tuple[str, dict]]:
+    changes = []
+    if not run["activation_checkpointing"]:
+        changes.append(("--activation-checkpointing", {"activation_checkpointing": True}))
+    if run["processes"] > 1 and run["strategy"] == "ddp":
+        changes.append(("--strategy fsdp", {"strategy": "fsdp"}))
+        changes.append(("--strategy fsdp --activation-checkpointing",
+                        {"strategy": "fsdp", "activation_checkpointing": True}))
+    batch = run["batch_size"]
+    while batch > 1:
+        batch //= 2
+        accum = run["grad_accum"] * run["batch_size"] // batch
+        changes.append((f"--batch-size {batch} --grad-accum {accum} --activation-checkpointing",
+                        {"batch_size": batch, "grad_accum": accum, "activation_checkpointing": True}))
+    if gpu:
+        for n in (2, 4, 8):
+            if n > run["processes"]:
+                accum = max(1, run["grad_accum"] * run["processes"] // n)
+                changes.append((f"torchrun --nproc_per_node={n} ... --strategy fsdp --activation-checkpointing"
+                                f" --grad-accum {accum}",
+                                {"processes": n, "strategy": "fsdp", "activation_checkpointing": True,
+                                 "grad_accum": accum}))
+    return changes
+
+
+def make_plan(config: GPTConfig, *, batch_size: int, block_size: int, grad_accum: int = 1, processes: int = 1,
+              strategy: str = "ddp", activation_checkpointing: bool = False, dtype_name: str = "auto",
+              device: torch.device = torch.device("cpu"), steps: int | None = None,
+              trainable_params: int | None = None, what: str = "") -> dict:
+    """Everything --plan reports, as a JSON-ready dict: the run, its FLOPs and, per device (this CPU,
+    the PLAN_GPUS, and the run's own GPU if it has one), the bytes one process holds, whether that
+    fits, the first change that makes it fit, and the time per step and per run.
+
+    "bytes_per_process" and "memory" are the chosen device's (--device). finetune_instruct.py plans
+    its runs with this too (trainable_params for LoRA, steps when known)."""
+    run = {"batch_size": batch_size, "block_size": block_size, "grad_accum": grad_accum, "processes": processes,
+           "strategy": strategy, "activation_checkpointing": activation_checkpointing}
+    cpu_flops = cpu_matmul_flops()
+    runtime = current_rss() + CPU_STEP_BYTES  # this process so far (Python, torch) and a step's own overhead
+    flops, hardware_flops = training_flops(config, block_size, trainable_params=trainable_params,
+                                           activation_checkpointing=activation_checkpointing)
+    tokens_per_step = batch_size * block_size * grad_accum * processes
+
+    def memory(on_gpu: bool, dtype: torch.dtype, **changes) -> dict:
+        return memory_per_process(config, **{**run, **changes}, dtype=dtype, trainable_params=trainable_params,
+                                  baseline=CUDA_CONTEXT_BYTES if on_gpu else runtime)
+
+    def price(name: str, flops_per_s: float | None, capacity: float | None, on_gpu: bool, dtype: torch.dtype) -> dict:
+        need = memory(on_gpu, dtype)
+        # One GPU per process; the processes on one CPU share its memory and its cores.
+        available = None if capacity is None else capacity if on_gpu else capacity / processes
+        fits = None if available is None else need["total"] <= available
+        fits_with = None
+        if fits is False:
+            fits_with = next((flag for flag, changes in fit_changes(run, on_gpu)
+                              if memory(on_gpu, dtype, **changes)["total"]
+                              <= (capacity if on_gpu else available)), None)
+        rate = flops_per_s * (processes if on_gpu else 1) if flops_per_s else None
+        seconds = hardware_flops * tokens_per_step / rate if rate else None
+        return {"device": name, "memory_bytes": capacity, "bytes_per_process": need["total"], "memory": need,
+                "dtype": str(dtype).removeprefix("torch."), "fits": fits, "fits_with": fits_with,
+                "sustained_flops_per_s": rate, "seconds_per_step": seconds,
+                "seconds_per_run": seconds * steps if seconds and steps else None}
+
+    gpu_dtype = DTYPES.get(dtype_name, torch.bfloat16)  # auto: bfloat16 on these GPUs, float32 on a CPU
+    devices = [price("this CPU", cpu_flops * CPU_MFU, machine_memory(), False, DTYPES.get(dtype_name, torch.float32))]
+    devices += [price(gpu, peak * GPU_MFU, size, True, gpu_dtype) for gpu, (peak, size) in PLAN_GPUS.items()]
+    chosen = devices[0]
+    if device.type == "cuda":  # the run's own GPU, with the memory CUDA reports
+        dtype = resolve_dtype(dtype_name, device)
+        peak = peak_flops(device, dtype)
+        chosen = price(torch.cuda.get_device_name(device), peak * GPU_MFU if peak else None,
+                       torch.cuda.get_device_properties(device).total_memory, True, dtype)
+        devices.append(chosen)
+    other_way = memory(device.type == "cuda", DTYPES.get(chosen["dtype"], torch.float32),
+                       activation_checkpointing=not activation_checkpointing)["activations"]
+    return {
+        "model": what, "parameters": chosen["memory"]["parameters"],
+        "trainable_parameters": chosen["memory"]["trainable_parameters"], "run": run,
+        "tokens_per_step": tokens_per_step, "steps": steps,
+        "flops_per_token": flops, "flops_per_step": flops * tokens_per_step,
+        "hardware_flops_per_step": hardware_flops * tokens_per_step,
+        "device": chosen["device"], "bytes_per_process": chosen["bytes_per_process"], "memory": chosen["memory"],
+        "activations_without_checkpointing" if activation_checkpointing else "activations_with_checkpointing":
+            other_way,
+        "devices": devices,
+        "assumptions": {"gpu_mfu": GPU_MFU, "cpu_mfu": CPU_MFU, "cpu_matmul_flops_per_s": cpu_flops,
+                        "cuda_context_bytes": CUDA_CONTEXT_BYTES, "cpu_step_bytes": CPU_STEP_BYTES,
+                        "gpus": "dense bf16 tensor-core peaks from the vendors' data sheets; memory as nvidia-smi "
+                                "reports it"},
+    }
+
+
+def _size(n: float | None) -> str:
+    if n is None:
+        return "?"
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 1:
+        return f"{seconds * 1000:.3g} ms"
+    s = round(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 60 else f"{seconds:.1f} s"
+
+
+def format_plan(plan: dict) -> str:
+    run, mem = plan["run"], plan["memory"]
+    lines = [
+        f"plan: {plan['model']}, {plan['parameters'] / 1e6:,.1f}M parameters"
+        + (f" ({plan['trainable_parameters'] / 1e6:,.2f}M trained)"
+           if plan["trainable_parameters"] != plan["parameters"] else "")
+        + f"; context {run['block_size']}, {run['batch_size']} sequences x {run['grad_accum']} micro-steps x "
+        f"{run['processes']} process(es) = {plan['tokens_per_step']:,} tokens per step; {run['strategy']}, "
+        f"activation checkpointing {'on' if run['activation_checkpointing'] else 'off'}",
+        f"per process on {plan['device']}: weights {_size(mem['weights'])}, gradients {_size(mem['gradients'])}, "
+        f"optimizer state {_size(mem['optimizer'])}, activations {_size(mem['activations'])} (the loss's backward "
+        f"adds {_size(mem['loss_peak'])}), working copies {_size(mem['working_copies'])}, runtime "
+        f"{_size(mem['baseline'])}: {_size(plan['bytes_per_process'])} at the peak",
+    ]
+    other = "activations_with_checkpointing" if "activations_with_checkpointing" in plan else \
+        "activations_without_checkpointing"
+    lines.append(f"activations {'with' if other.endswith('with_checkpointing') else 'without'} activation "
+                 f"checkpointing: {_size(plan[other])}")
+    lines.append(f"FLOPs: {plan['flops_per_token']:.3g} per token, {plan['flops_per_step']:.3g} per step"
+                 + (f" ({plan['hardware_flops_per_step']:.3g} run, with the recomputation)"
+                    if plan["hardware_flops_per_step"] != plan["flops_per_step"] else ""))
+    run_title = f"run ({plan['steps']} steps)" if plan["steps"] else "run"
+    header = f"{'device':<10} {'memory':>10} {'per process':>12} {'dtype':>9} {'fits':>5} {'time/step':>10} " \
+             f"{run_title:>18}"
+    lines += [header, "-" * len(header)]
+    for d in plan["devices"]:
+        fits = "?" if d["fits"] is None else "yes" if d["fits"] else "no"
+        line = f"{d['device']:<10} {_size(d['memory_bytes']):>10} {_size(d['bytes_per_process']):>12} " \
+               f"{d['dtype']:>9} {fits:>5} {_duration(d['seconds_per_step']):>10} " \
+               f"{_duration(d['seconds_per_run']):>18}"
+        if d["fits"] is False:
+            line += f"  fits with: {d['fits_with']}" if d["fits_with"] else "  does not fit with any change tried"
+        lines.append(line)
+    a = plan["assumptions"]
+    lines.append(f"times assume {100 * a['gpu_mfu']:.0f} % of each GPU's data-sheet bf16 peak and "
+                 f"{100 * a['cpu_mfu']:.0f} % of this CPU's measured float32 matmul rate "
+                 f"({a['cpu_matmul_flops_per_s'] / 1e9:.0f} GFLOP/s); a GPU's memory includes "
+                 f"{_size(a['cuda_context_bytes'])} for the CUDA runtime; one GPU per process")
+    return "\n".join(lines)
+
+
+def init_config(init: str, preset: str | None = None) -> tuple[GPTConfig, str]:
+    """The config of the model --init (and --preset) name, and a name for it, without loading weights:
+    a preset, a GPT-2 name, one of our checkpoints (read memory-mapped), a Hub-layout folder or file
+    (its config.json), or a Hub repo id (its config.json alone is downloaded)."""
+    if init == "random":
+        try:
+            return get_config(preset or "mini"), f"{preset} (random)"
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    path = Path(init)
+    if init in load_gpt2.GPT2_REPOS:
+        return get_config(init), init  # our presets have the Hub's GPT-2 shapes
+    if path.is_file() and checkpoint_kind(path) == "torch":
+        try:  # mmap: the config without reading the weights
+            return GPTConfig(**torch.load(path, map_location="cpu", mmap=True, weights_only=True)["config"]), init
+        except Exception:
+            raise UserError(f"{path} is not a readable checkpoint") from None
+    if path.exists():
+        config_path = (path if path.is_dir() else path.parent) / "config.json"
+    elif load_gpt2.is_hub_repo(init):
+        listing = load_gpt2.hub_listing(init)
+        config_path = load_gpt2.fetch_hub_files(init, ["config.json"], listing) / "config.json"
+    else:
+        raise UserError(f"--init {init} is neither 'random', a GPT-2 name, a checkpoint, a folder nor a Hub repo id")
+    if not config_path.is_file():
+        raise UserError(f"{config_path} does not exist; a Hub-layout model needs its config.json")
+    return load_gpt2.config_from_hf(config_path)[1], init
+
+
+def report_plan(plan: dict, out_dir: str | Path) -> dict:
+    """Print a plan and write it to OUT_DIR/plan.json (atomically); returns it."""
+    out_dir = writable_folder(out_dir)
+    print(format_plan(plan))
+    atomic_write(out_dir / "plan.json", json.dumps(plan, indent=2) + "\n")
+    print(f"wrote {out_dir / 'plan.json'}")
+    return plan
+
+
+def plan_main(args: argparse.Namespace) -> dict:
+    writable_folder(args.out_dir)
+    config, what = init_config(args.init, args.preset)
+    if args.init == "random" and args.block_size:  # a random model gets exactly the training context
+        config = dataclasses.replace(config, block_size=args.block_size)
+    config = dataclasses.replace(config, dropout=args.dropout)
+    block_size = args.block_size or config.block_size
+    if block_size > config.block_size:
+        raise UserError(f"--block-size {block_size} is longer than {what}'s context of {config.block_size} tokens")
+    plan = make_plan(config, batch_size=args.batch_size, block_size=block_size, grad_accum=args.grad_accum,
+                     processes=args.plan_processes or int(os.environ.get("WORLD_SIZE", "1")),
+                     strategy=args.strategy, activation_checkpointing=args.activation_checkpointing,
+                     dtype_name=args.dtype, device=resolve_device(args.device), steps=args.max_steps, what=what)
+    return report_plan(plan, args.out_dir)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data: text -> token files, prepared once with the model's own tokenizer
+
+def tokenizer_fingerprint(tok, name: str) -> str:
+    """What tells two tokenizers apart: the card's name, the vocabulary size and a probe's token ids."""
+    probe = tok.encode_ordinary("Fingerprint: the quick brown fox, 1234 naïve café \u00e9\u4e16\u754c 🤖\n\tend")
+    return f"{name}\0{tok.n_vocab}\0{tok.eot_token}\0{probe}"
+
+
+def token_folder(data: str | None, tokenizer_name: str = "gpt2", errors: str = "strict") -> Path:
+    """The folder holding train.bin, val.bin and meta.json for --data, tokenizing text the first time it
+    is seen with the tokenizer the model card names (load_gpt2.tokenizer_for).
+
+    Text goes to <download cache>/tokens/<name>-<fingerprint>/, where the fingerprint covers the
+    tokenizer and every source file's path, size and modification time: an unchanged corpus is reused,
+    an edited one (or another tokenizer) is tokenized again into a new folder."""
     if data is not None and (Path(data) / "train.bin").is_file():
         return Path(data)
     source = tokenizer.fetch("text/tinyshakespeare.txt") if data is None else data
-    fingerprint = hashlib.sha256(errors.encode())
+    tok = tokenizer_for({"tokenizer": tokenizer_name})
+    fingerprint = hashlib.sha256(f"{errors}\0{tokenizer_fingerprint(tok, tokenizer_name)}\n".encode())
     for path in tokenizer.corpus_files(source):
         stat = path.stat()
         fingerprint.update(f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
@@ -151,7 +595,7 @@ def token_folder(data: str | None, errors: str = "strict") -> Path:
         # leaves a half-written folder that looks finished.
         tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
         try:
-            prepare_corpus(source, tmp, errors=errors)
+            tokenizer.prepare_corpus(source, tmp, tokenizer=tok, tokenizer_name=tokenizer_name, errors=errors)
             try:
                 os.replace(tmp, folder)
             except OSError:  # another process finished the same folder first
@@ -161,20 +605,26 @@ def token_folder(data: str | None, errors: str = "strict") -> Path:
     return folder
 
 
-def load_splits(folder: Path, block_size: int, vocab_size: int) -> tuple[np.memmap, np.memmap]:
-    """train.bin and val.bin of a token folder, each checked to hold at least one window."""
-    splits = []
-    for split in ("train", "val"):
-        path = folder / f"{split}.bin"
-        n_tokens = path.stat().st_size // 2 if path.is_file() else None  # uint16 tokens
-        if n_tokens is not None and n_tokens <= block_size:
-            raise UserError(f"{path} holds {n_tokens} tokens, too few for one window of {block_size} tokens plus "
-                            f"its target; use more text (validation is its last 10%) or a smaller --block-size")
-        splits.append(load_tokens(path))
-    meta = folder / "meta.json"
-    if meta.is_file() and json.loads(meta.read_text())["vocab_size"] > vocab_size:
-        raise UserError(f"{folder} was tokenized with a vocabulary larger than the model's {vocab_size} tokens")
-    return splits[0], splits[1]
+def load_splits(folder: Path, block_size: int, vocab_size: int, tok, tokenizer_name: str) -> tuple[np.ndarray, np.ndarray]:
+    """train.bin and val.bin of a token folder, checked against its meta.json (tokenizer.load_token_folder)
+    and against the model: its tokenizer, its vocabulary, and at least one window per split."""
+    train, val, meta = tokenizer.load_token_folder(folder)
+    if meta.get("vocab_size", 0) > vocab_size:
+        raise UserError(f"{folder} was tokenized with a vocabulary of {meta['vocab_size']} tokens, larger than the "
+                        f"model's {vocab_size}; prepare the text with the model's tokenizer")
+    made_with = meta.get("tokenizer_name", "gpt2")  # folders from before tokenizer names were recorded are GPT-2's
+    if made_with != tokenizer_name:
+        if meta.get("vocab_size") != tok.n_vocab or meta.get("eot_token", tok.eos_id) != tok.eos_id:
+            raise UserError(f"{folder} was tokenized with {made_with}, but the model's tokenizer is {tokenizer_name}; "
+                            f"give the text itself as --data, or prepare it with the model's tokenizer")
+        print(f"note: {folder} names its tokenizer {made_with}, the model {tokenizer_name}; their vocabularies "
+              f"agree, so it is used", file=sys.stderr)
+    for split, tokens in (("train", train), ("val", val)):
+        if len(tokens) <= block_size:
+            raise UserError(f"{folder / (split + '.bin')} holds {len(tokens)} tokens, too few for one window of "
+                            f"{block_size} tokens plus its target; use more text (validation is its last 10%) "
+                            f"or a smaller --block-size")
+    return train, val
 
 
 def draw_batch(tokens: np.ndarray, batch_size: int, block_size: int, *, grad_accum: int, world_size: int,
@@ -201,30 +651,41 @@ def draw_batch(tokens: np.ndarray, batch_size: int, block_size: int, *, grad_acc
 
 @dataclasses.dataclass
 class Processes:
-    rank: int = 0  # this process among all of them; rank 0 prints and writes files
+    rank: int = 0  # this process among all of them; rank 0 prints and writes the shared files
     local_rank: int = 0  # this process on its machine; picks the GPU
     world_size: int = 1
+    torchrun: bool = False  # started by torchrun (which also forwards Ctrl-C to every process)
 
     @property
     def distributed(self) -> bool:
         return dist.is_initialized()
 
 
-def init_processes(device_name: str) -> tuple[Processes, torch.device]:
-    """Join torchrun's process group (NCCL on GPUs, gloo on CPUs) if there is one; pick the device."""
+def init_processes(device_name: str, strategy: str = "ddp") -> tuple[Processes, torch.device]:
+    """Join torchrun's process group (NCCL on GPUs, gloo on CPUs) if there is one; pick the device.
+
+    FSDP needs a process group even alone, so without torchrun it gets one of a single process."""
     try:
         device = resolve_device(device_name)
     except ValueError as e:
         raise UserError(f"--device: {e}") from None
     if "RANK" not in os.environ:
-        return Processes(), device
-    procs = Processes(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
+        procs = Processes()
+    else:
+        procs = Processes(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]),
+                          torchrun=True)
+    if not procs.torchrun and strategy != "fsdp":
+        return procs, device
     if device.type == "cuda":
         device = torch.device("cuda", procs.local_rank)
         torch.cuda.set_device(device)
     elif device.type != "cpu":
-        raise UserError(f"several processes need CUDA GPUs (NCCL) or CPUs (gloo), not {device.type}")
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        raise UserError(f"several processes and FSDP need CUDA GPUs (NCCL) or CPUs (gloo), not {device.type}")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if procs.torchrun:
+        dist.init_process_group(backend)
+    else:  # one process: an in-memory store, no port to find
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return procs, device
 
 
@@ -236,6 +697,35 @@ def local_leader_first(procs: Processes, fn):
     if procs.distributed and procs.local_rank == 0:
         dist.barrier()
     return result
+
+
+def from_rank0(procs: Processes, value):
+    """Rank 0's value of a small picklable object (a config, an error message), in every process."""
+    if not procs.distributed:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+@contextmanager
+def run_folder_lock(out_dir: Path, procs: Processes):
+    """Hold OUT_DIR's RunLock (tokenizer.RunLock) on rank 0 while the run writes there; every process
+    learns whether it was taken, so all of them stop at once when another run holds the folder."""
+    lock, problem = RunLock(out_dir), None
+    if procs.rank == 0:
+        try:
+            lock.__enter__()
+        except UserError as e:
+            problem = str(e)
+    problem = from_rank0(procs, problem)
+    if problem:
+        raise UserError(problem)
+    try:
+        yield
+    finally:
+        if procs.rank == 0:
+            lock.__exit__(None, None, None)
 
 
 class StopOnCtrlC:
@@ -259,12 +749,73 @@ class StopOnCtrlC:
             signal.signal(signal.SIGINT, self.previous)
 
     def _handle(self, signum, frame) -> None:
-        if self.requested and not self.procs.distributed:
+        if self.requested and not self.procs.torchrun:
             raise KeyboardInterrupt
         if not self.requested and self.procs.rank == 0:
-            again = "" if self.procs.distributed else " (Ctrl-C again quits without saving)"
+            again = "" if self.procs.torchrun else " (Ctrl-C again quits without saving)"
             print(f"\nCtrl-C: saving a checkpoint after this step{again}", flush=True)
         self.requested = True
+
+
+# ---------------------------------------------------------------------------------------------------
+# The model: where it starts, and how several processes share it
+
+def initial_model(args: argparse.Namespace) -> tuple[GPT, dict]:
+    """A new run's model (on the CPU) and its card: a random one of --preset, or --init's weights."""
+    overrides = {"dropout": args.dropout} | ({"block_size": args.block_size} if args.block_size else {})
+    if args.init == "random":
+        _, card = load_model("random", preset=args.preset, device="meta")  # the preset's card; no weights
+        torch.manual_seed(args.seed)
+        return GPT(get_config(args.preset, **overrides)), model_card(card)
+    loaded, extra = load_model(args.init)
+    if loaded.config.num_classes is not None:
+        raise UserError(f"{args.init} is a classifier; pretraining needs a language model")
+    if args.block_size and args.block_size > loaded.config.block_size:
+        raise UserError(f"--block-size {args.block_size} is longer than {args.init}'s context of "
+                        f"{loaded.config.block_size} tokens")
+    if loaded.config.dropout == args.dropout:
+        return loaded, model_card(extra)
+    # Dropout is a config field: a model of the new config on the meta device takes over the loaded
+    # tensors themselves (assign), so the weights are never in memory twice.
+    with torch.device("meta"):
+        model = GPT(dataclasses.replace(loaded.config, dropout=args.dropout))
+    model.load_state_dict(loaded.state_dict(), assign=True)
+    if model.config.tie_embeddings:
+        model.tie_weights()  # assign gave the head its own Parameter object; share the embedding's again
+    return model, model_card(extra)
+
+
+def _recompute_in_backward(forward, *args, **kwargs):
+    if not torch.is_grad_enabled():  # evaluation and sampling keep nothing anyway
+        return forward(*args, **kwargs)
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+def checkpoint_activations(gpt: GPT) -> None:
+    """--activation-checkpointing: each block keeps only its inputs for the backward pass and runs
+    its forward again there. The blocks' own forward is wrapped in place, so names and the state_dict
+    stay the same (and FSDP, applied afterwards, gathers the weights around the recomputation too)."""
+    for block in gpt.transformer.h:
+        block.forward = functools.partial(_recompute_in_backward, block.forward)
+
+
+def shard(gpt: GPT, device: torch.device, dtype: torch.dtype) -> GPT:
+    """FSDP2: one unit per block plus one for the rest (embeddings, final norm, head); each process
+    keeps 1/N of every weight, gradient and optimizer state and gathers a unit's weights only while it
+    runs. bfloat16 training computes with bfloat16 copies of the weights and reduces gradients in
+    float32 (the float32 weights, sharded, stay the optimizer's). The model is changed in place."""
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if dtype == torch.bfloat16 else MixedPrecisionPolicy()
+    mesh = dist.init_device_mesh(device.type, (dist.get_world_size(),))
+    for block in gpt.transformer.h:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(gpt, mesh=mesh, mp_policy=policy)
+    return gpt
+
+
+def local_bytes(tensors) -> int:
+    """Bytes this process holds of these tensors (its own shard of a sharded one)."""
+    return sum((t.to_local() if isinstance(t, DTensor) else t).nbytes for t in tensors)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -276,7 +827,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler:
 
     Returns (mean loss over the micro-batches, gradient norm before clipping), both 0-dim tensors.
     A non-finite gradient norm skips the update (the gradient scaler's own rule under float16), so
-    the weights stay as they were and the caller can stop with the last good state."""
+    the weights stay as they were and the caller can stop with the last good state. Under FSDP every
+    micro-step reduce-scatters its gradients, which keeps only the shards between micro-steps."""
     accum = x.size(0)
     loss_sum = torch.zeros((), device=x.device)
     for micro in range(accum):
@@ -284,13 +836,15 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler:
         last = micro == accum - 1
         with model.no_sync() if isinstance(model, DDP) and not last else nullcontext():
             with ctx:
-                _, loss = model(x[micro], y[micro])
+                loss = model(x[micro], y[micro])[1]  # the logits (B, T, V) are not kept: freed before backward
             # Gradients add up over micro-steps, so each micro-batch's mean loss is divided by accum:
             # the sum is then the gradient of the mean loss over the step's whole batch.
             scaler.scale(loss / accum).backward()
         loss_sum += loss.detach() / accum
     scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+    if isinstance(norm, DTensor):  # sharded gradients: the norm of the whole gradient, the same everywhere
+        norm = norm.full_tensor()
     if scaler.is_enabled() or torch.isfinite(norm):
         scaler.step(optimizer)
         scaler.update()
@@ -306,16 +860,20 @@ def evaluate(model: torch.nn.Module, tokens: np.ndarray, *, batches: int, batch_
              seed: int, ctx, procs: Processes, device: torch.device) -> float:
     """Mean loss over the same `batches` x `batch_size` windows every time, whatever the process count.
 
-    Every process draws all the batches from a generator seeded the same each time, evaluates batches
-    rank, rank + world_size, ..., and the processes add up their sums."""
+    Every process draws all the batches from a generator seeded the same each time and evaluates
+    batches rank, rank + world_size, ...; the processes add up their sums. Every process runs the same
+    number of forward passes (one without a batch of its own repeats batch 0 and counts nothing), as
+    FSDP's gathers in each forward pass need all of them."""
     model.eval()
     generator = torch.Generator().manual_seed(seed)
+    windows = [sample_windows(tokens, batch_size, block_size, generator) for _ in range(batches)]  # (B, T) pairs
     total = torch.zeros(2, device=device)  # (sum of batch losses, batches)
-    for i in range(batches):
-        x, y = sample_windows(tokens, batch_size, block_size, generator)  # (B, T) each
-        if i % procs.world_size == procs.rank:
-            with ctx:
-                _, loss = model(x.to(device), y.to(device))
+    for first in range(0, batches, procs.world_size):
+        i = first + procs.rank
+        x, y = windows[i if i < batches else 0]
+        with ctx:
+            loss = model(x.to(device), y.to(device))[1]
+        if i < batches:
             total += torch.stack([loss.float(), torch.ones((), device=device)])
     if procs.distributed:
         dist.all_reduce(total)
@@ -323,29 +881,41 @@ def evaluate(model: torch.nn.Module, tokens: np.ndarray, *, batches: int, batch_
     return (total[0] / total[1]).item()
 
 
-def sample_text(model: GPT, max_new_tokens: int, *, seed: int, ctx, device: torch.device) -> str:
-    """A short sample that starts a new document (<|endoftext|>), the same seed every time, so samples
-    taken at different steps differ only by what the model has learned."""
-    enc = tokenizer.get_tokenizer()
-    max_new_tokens = min(max_new_tokens, model.config.block_size - 1)
-    ids = torch.tensor([[enc.eot_token]], device=device)  # (1, 1)
+@torch.no_grad()
+def sample_text(model: torch.nn.Module, tok, max_new_tokens: int, *, block_size: int, seed: int, ctx,
+                device: torch.device) -> str:
+    """A short sample that starts a new document (the tokenizer's BOS, or GPT-2's <|endoftext|>), the
+    same seed every time, so samples taken at different steps differ only by what the model learned.
+
+    The whole sequence runs again for every token, without a KV cache: under FSDP every process must
+    run the same forward passes (each gathers the weights), which a plain model call does, and a few
+    dozen tokens cost little next to training. Every process gets the same text."""
+    ids = torch.tensor([bos(tok) or [tok.eot_token]], device=device)  # (1, 1)
     generator = torch.Generator(device=device).manual_seed(seed)
+    new = []
     model.eval()
-    with ctx:
-        new = [int(t) for t in generate(model, ids, max_new_tokens, temperature=0.8, top_k=200,
-                                        eos_id=enc.eot_token, generator=generator)]
+    for _ in range(min(max_new_tokens, block_size - ids.size(1))):
+        with ctx:
+            logits = model(ids, last_only=True)[0]  # (1, 1, V)
+        next_id = sample_next(logits[:, -1].float(), temperature=0.8, top_k=200, generator=generator)  # (1,)
+        if int(next_id) in (tok.eot_token, tok.eos_id):
+            break
+        new.append(int(next_id))
+        ids = torch.cat([ids, next_id[:, None]], dim=1)
     model.train()
-    return enc.decode([t for t in new if t != enc.eot_token])
+    return tok.decode(new)
 
 
 def progress_line(step: int, max_steps: int, record: dict) -> str:
-    """One fixed-width line: step, losses, lr, grad norm, ms/step, tokens/s, MFU (when known), ETA."""
+    """One fixed-width line: step, losses, lr, grad norm, ms/step, tokens/s, MFU (when known), memory, ETA."""
     line = f"step {step:>6}/{max_steps}"
     if record.get("train_loss") is not None:
         line += (f" | loss {record['train_loss']:7.4f} | lr {record['lr']:.2e} | norm {record['grad_norm']:7.3f}"
                  f" | {record['ms_per_step']:8.1f} ms/step | {record['tokens_per_s']:9.0f} tok/s")
         if record.get("mfu") is not None:
             line += f" | mfu {100 * record['mfu']:5.1f}%"
+        if record.get("peak_memory") is not None:
+            line += f" | mem {record['peak_memory'] / 1e9:6.2f} GB"
         eta = round((max_steps - step) * record["ms_per_step"] / 1000)
         line += f" | eta {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}"
     return line + f" | val {record['val_loss']:7.4f} ppl {record['val_ppl']:9.2f}"
@@ -353,125 +923,345 @@ def progress_line(step: int, max_steps: int, record: dict) -> str:
 
 # ---------------------------------------------------------------------------------------------------
 # Checkpoints
+#
+# One process (or DDP): ckpt.pt, the latest state for --resume, and best.pt, the weights of the best
+# validation loss; both are save_checkpoint files with the model card. FSDP: the folders ckpt.dcp and
+# best.dcp, written by torch.distributed.checkpoint, in which every process writes only its own
+# shards (no process ever holds the whole model), plus train_state.pt (step, flags, card, random
+# states) from rank 0. Such a folder loads into any number of processes (the shards are re-cut on
+# load), and --consolidate turns it into one save_checkpoint file.
 
-RESUME_MUST_MATCH = ("init", "preset", "block_size", "dropout")  # flags that shape the saved model
+CKPT, BEST, METRICS = "ckpt.pt", "best.pt", "metrics.jsonl"
+SHARDED_CKPT, SHARDED_BEST, TRAIN_STATE = "ckpt.dcp", "best.dcp", "train_state.pt"
+# Flags that would silently change a resumed run (its model, data, schedule or numerics). The rest may
+# change: --max-steps (a longer or shorter run; the schedule follows, with a note), --device, --compile,
+# --activation-checkpointing, the evaluation and saving intervals, and the process count when
+# --grad-accum x processes stays the same (draw_batch then draws the same windows).
+RESUME_MUST_MATCH = ("data", "errors", "init", "preset", "block_size", "dropout", "batch_size", "lr", "min_lr",
+                     "warmup_steps", "weight_decay", "grad_clip", "eval_batches", "seed", "dtype", "strategy")
 
 
-def save_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-               scaler: torch.amp.GradScaler, *, step: int,
-               best_val_loss: float, args: argparse.Namespace, procs: Processes) -> None:
-    """Everything --resume needs, written atomically by rank 0; every process must call it.
+def check_resume_flags(saved: dict, args: argparse.Namespace, procs: Processes, state_path: Path) -> None:
+    """Refuse a --resume whose flags differ from the run's where that changes the run; say which."""
+    changed = [f"--{name.replace('_', '-')} {saved[name]} (now {getattr(args, name)})"
+               for name in RESUME_MUST_MATCH if name in saved and saved[name] != getattr(args, name)]
+    if "world_size" in saved and saved["grad_accum"] * saved["world_size"] != args.grad_accum * procs.world_size:
+        changed.append(f"--grad-accum {saved['grad_accum']} with {saved['world_size']} process(es) "
+                       f"(now {args.grad_accum} with {procs.world_size}; their product must stay the same)")
+    if changed:
+        weights = f"--init {state_path}" if state_path.suffix == ".pt" else \
+            f"--init {state_path.with_suffix('.pt')} after python pretrain.py --consolidate {state_path}"
+        raise UserError(f"--resume: the run in {state_path.parent} used {', '.join(changed)}; repeat the run's flags "
+                        f"to resume it, or start a new run from its weights in another --out-dir ({weights})")
+    if saved.get("max_steps", args.max_steps) != args.max_steps and procs.rank == 0:
+        print(f"note: --max-steps changed from {saved['max_steps']} to {args.max_steps}: the learning rate's "
+              f"cosine now ends at step {args.max_steps}", file=sys.stderr)
 
-    Only tensors, numbers, strings, lists and dicts, so it loads with weights_only=True. The data
-    position is the step itself (see draw_batch): the next step draws exactly the windows it would have."""
-    rng = {"torch": torch.get_rng_state(),  # dropout masks, per process
+
+def run_args(args: argparse.Namespace, procs: Processes) -> dict:
+    return vars(args) | {"world_size": procs.world_size}
+
+
+def gathered_rng(procs: Processes) -> list[dict]:
+    """Every process's random state (dropout masks), gathered on all of them."""
+    rng = {"torch": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-    rngs = [rng]
-    if procs.distributed:
-        rngs = [None] * procs.world_size
-        dist.all_gather_object(rngs, rng)
-    if procs.rank == 0:
-        save_checkpoint(path, model, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), step=step,
-                        rng=rngs, best_val_loss=best_val_loss,
-                        args=vars(args))
+    if not procs.distributed:
+        return [rng]
+    rngs = [None] * procs.world_size
+    dist.all_gather_object(rngs, rng)
+    return rngs
 
 
-def restore_rng(state: dict, procs: Processes) -> None:
-    if len(state["rng"]) == procs.world_size:  # with another process count, dropout keeps its new seeds
-        rng = state["rng"][procs.rank]
+def restore_rng(rngs: list[dict], procs: Processes) -> None:
+    if len(rngs) == procs.world_size:  # with another process count, dropout keeps its new seeds
+        rng = rngs[procs.rank]
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
 
 
-def build_model(args: argparse.Namespace, resume_path: Path | None) -> tuple[GPT, dict]:
-    """The model to train (on the CPU) and, when resuming, the rest of the checkpoint."""
-    if resume_path is not None:
-        if not resume_path.is_file():
-            raise UserError(f"--resume: {resume_path} does not exist; start the run without --resume")
+class TensorsOnlyReader(dcp.FileSystemReader):
+    """torch.distributed.checkpoint's reader, holding to the project's rule that loading a checkpoint
+    never unpickles arbitrary objects: the folder's .metadata (a pickle) is read with an unpickler that
+    knows only the checkpoint metadata's own classes, and every entry must be a tensor (other entries
+    would be read with torch.load(weights_only=False))."""
+
+    ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+               ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"), ("collections", "OrderedDict"),
+               ("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
+
+    class _Unpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str):
+            known = (module, name) in TensorsOnlyReader.ALLOWED or module == "torch.distributed.checkpoint.metadata"
+            value = super().find_class(module, name) if known or module == "torch" else None
+            if not known and not isinstance(value, torch.dtype):
+                raise pickle.UnpicklingError(f"{module}.{name} has no place in a checkpoint's metadata")
+            return value
+
+    def read_metadata(self, *args, **kwargs):
+        path = Path(self.path) / ".metadata"
         try:
-            model, state = load_checkpoint(resume_path)
-        except ValueError as e:
-            raise UserError(str(e)) from None
-        if "optimizer" not in state:
-            raise UserError(f"--resume: {resume_path} holds no training state (written by another stage?)")
-        for name in RESUME_MUST_MATCH:
-            if state["args"].get(name) != getattr(args, name):
-                raise UserError(f"--resume: the run in {resume_path.parent} used --{name.replace('_', '-')} "
-                                f"{state['args'].get(name)}, this command says {getattr(args, name)}; repeat the "
-                                f"run's flags, or use --init {resume_path} to start a new run from its weights")
-        return model, state
-    overrides = {"dropout": args.dropout} | ({"block_size": args.block_size} if args.block_size else {})
-    if args.init == "random":
-        torch.manual_seed(args.seed)
-        return GPT(get_config(args.preset, **overrides)), {}
-    loaded, _ = load_model(args.init)
-    if loaded.config.num_classes is not None:
-        raise UserError(f"{args.init} is a classifier; pretraining needs a language model")
-    if args.block_size and args.block_size > loaded.config.block_size:
-        raise UserError(f"--block-size {args.block_size} is longer than {args.init}'s context of "
-                        f"{loaded.config.block_size} tokens")
-    # Rebuilt only to set the dropout (a config field); the training context is args.block_size.
-    model = GPT(dataclasses.replace(loaded.config, dropout=args.dropout))
-    model.load_state_dict(loaded.state_dict())
-    return model, {}
+            with open(path, "rb") as f:
+                metadata = self._Unpickler(f).load()
+        except FileNotFoundError:
+            raise UserError(f"{self.path} is not a sharded checkpoint (it has no .metadata file)") from None
+        except Exception as e:
+            raise UserError(f"{path} is not a readable checkpoint's metadata ({type(e).__name__})") from None
+        from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
+        if not isinstance(metadata, Metadata) or not all(
+                isinstance(entry, TensorStorageMetadata) for entry in metadata.state_dict_metadata.values()):
+            raise UserError(f"{self.path} holds entries other than tensors; this project does not load it")
+        for where in metadata.storage_data.values():  # every shard file there and long enough: no torn reads
+            shard = Path(self.path) / str(where.relative_path)
+            if not shard.is_file() or shard.stat().st_size < where.offset + where.length:
+                raise UserError(f"{self.path} is incomplete: {shard.name} is missing or cut short")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def save_sharded(folder: Path, gpt: GPT, optimizer: torch.optim.Optimizer | None, procs: Processes,
+                 train_state: dict) -> None:
+    """Every process writes its shards of the model (and of the optimizer state) into folder; rank 0
+    adds train_state.pt. Written into folder.tmp first and renamed when complete, so a crash leaves
+    the previous checkpoint. Every process must call it."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    if procs.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    state = {"model": get_model_state_dict(gpt)}
+    if optimizer is not None:
+        state["optimizer"] = get_optimizer_state_dict(gpt, optimizer)["state"]  # tensors only: see TensorsOnlyReader
+    dcp.save(state, checkpoint_id=tmp)
+    if procs.rank == 0:
+        atomic_write(tmp / TRAIN_STATE, _torch_bytes(train_state))
+        old = folder.with_name(folder.name + ".old")
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+def _torch_bytes(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def read_train_state(folder: Path) -> dict:
+    """A sharded checkpoint's train_state.pt (step, flags, config, card), loaded with weights_only."""
+    path = folder / TRAIN_STATE
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{folder} is not a checkpoint of this project (it has no {TRAIN_STATE})") from None
+    except Exception as e:
+        raise UserError(f"{path} is not readable ({type(e).__name__}); the checkpoint is damaged") from None
+
+
+def load_sharded(folder: Path, gpt: GPT, optimizer: torch.optim.Optimizer | None) -> None:
+    """Fill a sharded (or a lone process's) model, and the optimizer's state, from a sharded checkpoint
+    written with any number of processes."""
+    state = {"model": get_model_state_dict(gpt)}
+    full_optimizer_state = None
+    if optimizer is not None:
+        full_optimizer_state = get_optimizer_state_dict(gpt, optimizer)  # creates the state to load into
+        state["optimizer"] = full_optimizer_state["state"]
+    reader = TensorsOnlyReader(folder)
+    reader.read_metadata()  # checked here, so that a bad folder is one clear sentence, not DCP's per-rank report
+    try:
+        with warnings.catch_warnings():  # in one process without a group DCP warns that it assumes just that
+            warnings.filterwarnings("ignore", "torch.distributed is disabled")
+            dcp.load(state, storage_reader=reader, no_dist=not dist.is_initialized())
+    except Exception as e:
+        first_line = (str(e).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"{folder} is not a readable checkpoint ({type(e).__name__}: {first_line})") from None
+    set_model_state_dict(gpt, state["model"])
+    if optimizer is not None:
+        set_optimizer_state_dict(gpt, optimizer, {**full_optimizer_state, "state": state["optimizer"]})
+
+
+def consolidate(folder: str | Path) -> dict:
+    """--consolidate: a sharded checkpoint folder -> the project's single-file checkpoint beside it
+    (FOLDER with .pt for .dcp), in one process, with the model card: load_model, generate.py, the
+    finetunes and load_gpt2.py --export then read it. The file holds the whole model, so it needs the
+    model's size in memory once."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"--consolidate: {folder} is not a folder; name an FSDP checkpoint such as "
+                        f"out/pretrain/best.dcp")
+    out = folder.with_suffix(".pt")
+    if out.exists():
+        raise UserError(f"{out} already exists; move it away first")
+    info = read_train_state(folder)
+    with torch.device("meta"):
+        gpt = GPT(GPTConfig(**info["config"]))
+    gpt.to_empty(device="cpu")
+    if gpt.config.tie_embeddings:
+        gpt.tie_weights()  # to_empty made the head's tensor a copy of the embedding's
+    load_sharded(folder, gpt, None)
+    extra = {k: info[k] for k in ("step", "val_loss", "args") if k in info}
+    writable_folder(out.parent, "--consolidate's folder")
+    save_checkpoint(out, gpt, **info["card"], **extra)
+    print(f"wrote {out}: {gpt.num_params() / 1e6:.1f}M parameters, step {info.get('step')}")
+    return {"checkpoint": str(out), "step": info.get("step")}
 
 
 # ---------------------------------------------------------------------------------------------------
 # The loop
 
 def train(args: argparse.Namespace) -> tuple[GPT, dict]:
-    """Run (or continue) the training; return the trained model and what was measured."""
-    procs, device = init_processes(args.device)
+    """Run (or continue) the training; return the trained model and what was measured.
+
+    Under FSDP the model returned is the sharded one (each process holds its shards)."""
+    procs, device = init_processes(args.device, args.strategy)
     try:
-        return _train(args, procs, device)
+        out_dir = writable_folder(args.out_dir)  # every process: under FSDP each writes its own shards there
+        with run_folder_lock(out_dir, procs):
+            return _train(args, procs, device, out_dir)
     finally:
         if procs.distributed:
             dist.destroy_process_group()
 
 
-def _train(args: argparse.Namespace, procs: Processes, device: torch.device) -> tuple[GPT, dict]:
+def build(args: argparse.Namespace, procs: Processes, device: torch.device, dtype: torch.dtype,
+          resume: Path | None) -> tuple[GPT, torch.optim.Optimizer, dict, dict]:
+    """The model on its device (sharded under FSDP), its optimizer, the model card and, when resuming,
+    the saved training state (step, best_val_loss, rng), all restored."""
+    sharded = args.strategy == "fsdp"
+    if not sharded:
+        if resume is not None:
+            try:
+                gpt, state = local_leader_first(procs, lambda: load_checkpoint(resume))
+            except ValueError as e:
+                raise UserError(f"--resume: {e}") from None
+            if "optimizer" not in state:
+                raise UserError(f"--resume: {resume} holds no training state (written by another stage, or "
+                                f"consolidated from a sharded checkpoint?)")
+            check_resume_flags(state["args"], args, procs, resume)
+            card = model_card({"model_type": "gpt2", "tokenizer": "gpt2", **state})  # older runs were GPT-2's
+        else:
+            gpt, card = local_leader_first(procs, lambda: initial_model(args))
+            state = {}
+        if args.activation_checkpointing:
+            checkpoint_activations(gpt)
+        gpt.to(device)
+        optimizer = gpt.configure_optimizer(args.lr, args.weight_decay, device_type=device.type)
+        if state:
+            optimizer.load_state_dict(state["optimizer"])
+        return gpt, optimizer, card, state
+
+    # FSDP: the model is built on the meta device (no memory) in every process, sharded, and only then
+    # given memory, its own shards only; the weights come from rank 0 (a new run) or the checkpoint.
+    if resume is not None:
+        state = read_train_state(resume)
+        check_resume_flags(state["args"], args, procs, resume)
+        config, card, full = GPTConfig(**state["config"]), state["card"], None
+    else:
+        state, full, config_and_card = {}, None, None
+        if procs.rank == 0:
+            try:
+                full, card = initial_model(args)
+                config_and_card = (dataclasses.asdict(full.config), card)
+            except UserError as e:  # a bad --init: the others, waiting for the config, stop with it
+                config_and_card = str(e)
+        config_and_card = from_rank0(procs, config_and_card)
+        if isinstance(config_and_card, str):
+            raise UserError(config_and_card)
+        config, card = GPTConfig(**config_and_card[0]), config_and_card[1]
+    with torch.device("meta"):
+        gpt = GPT(config)
+    if args.activation_checkpointing:
+        checkpoint_activations(gpt)
+    shard(gpt, device, dtype)
+    gpt.to_empty(device=device)
+    optimizer = gpt.configure_optimizer(args.lr, args.weight_decay, device_type=device.type)
+    if resume is not None:
+        load_sharded(resume, gpt, optimizer)
+    else:
+        set_model_state_dict(gpt, full.state_dict() if full is not None else {},
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        del full
+    return gpt, optimizer, card, state
+
+
+def _train(args: argparse.Namespace, procs: Processes, device: torch.device, out_dir: Path) -> tuple[GPT, dict]:
     master = procs.rank == 0
-    out_dir = Path(args.out_dir)
-    ckpt_path = out_dir / "ckpt.pt"
-    if not args.resume and ckpt_path.exists():
-        raise UserError(f"{out_dir} already holds a run; add --resume to continue it, or pick another --out-dir")
+    sharded = args.strategy == "fsdp"
+    state_path = out_dir / (SHARDED_CKPT if sharded else CKPT)
+    best_path = out_dir / (SHARDED_BEST if sharded else BEST)
+    existing = [name for name in (CKPT, SHARDED_CKPT, BEST, SHARDED_BEST, METRICS) if (out_dir / name).exists()]
+    if args.resume and not state_path.exists():
+        other = out_dir / (CKPT if sharded else SHARDED_CKPT)
+        if other.exists():
+            raise UserError(f"--resume: the run in {out_dir} was trained with --strategy "
+                            f"{'ddp' if sharded else 'fsdp'} ({other.name}); resume it with that strategy")
+        left = f" (it holds {', '.join(existing)} of a run that stopped before its first checkpoint; delete " \
+               f"them or pick another --out-dir)" if existing else "; start the run without --resume"
+        raise UserError(f"--resume: {state_path} does not exist{left}")
+    if not args.resume and existing:
+        raise UserError(f"{out_dir} already holds a run ({existing[0]}); add --resume to continue it, or pick "
+                        f"another --out-dir")
     dtype = resolve_dtype(args.dtype, device)
     ctx = autocast(device, dtype)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls (outside autocast) on tensor cores
         torch.backends.cudnn.allow_tf32 = True
+        torch.cuda.reset_peak_memory_stats(device)
 
-    data = local_leader_first(procs, lambda: token_folder(args.data, args.errors))
-    gpt, state = local_leader_first(procs, lambda: build_model(args, ckpt_path if args.resume else None))
+    gpt, optimizer, card, state = build(args, procs, device, dtype, state_path if args.resume else None)
+    tok = tokenizer_for(card)  # the run's own tokenizer, kept by --resume through the saved card
     block_size = args.block_size or gpt.config.block_size
-    train_tokens, val_tokens = load_splits(data, block_size, gpt.config.vocab_size)
+    data = local_leader_first(procs, lambda: token_folder(args.data, card["tokenizer"], args.errors))
+    train_tokens, val_tokens = load_splits(data, block_size, gpt.config.vocab_size, tok, card["tokenizer"])
 
-    gpt.to(device)
-    optimizer = gpt.configure_optimizer(args.lr, args.weight_decay, device_type=device.type)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     torch.manual_seed(args.seed + procs.rank)  # different dropout masks in each process
     step, best_val_loss = 0, math.inf
     if state:
-        optimizer.load_state_dict(state["optimizer"])
-        if state["scaler"]:
+        if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        restore_rng(state, procs)
+        restore_rng(state["rng"], procs)
         step, best_val_loss = state["step"], state["best_val_loss"]
     compiled = torch.compile(gpt) if args.compile else gpt
-    model = DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None) \
-        if procs.distributed else compiled
+    model = compiled
+    if procs.distributed and not sharded:
+        model = DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None,
+                    gradient_as_bucket_view=True)  # gradients live in DDP's buckets: no second copy
 
     tokens_per_step = args.batch_size * block_size * args.grad_accum * procs.world_size
     flops_per_step = gpt.flops_per_token(block_size) * tokens_per_step
     peak = peak_flops(device, dtype)
     if master:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        print(f"{gpt.num_params() / 1e6:.1f}M parameters, context {block_size}, {tokens_per_step:,} tokens per step "
-              f"({procs.world_size} process(es) x {args.grad_accum} micro-steps x {args.batch_size} x {block_size}), "
-              f"{len(train_tokens):,} training tokens in {data}, {device} {str(dtype).removeprefix('torch.')}")
+        print(f"{gpt.num_params() / 1e6:.1f}M parameters ({card['model_type']}), context {block_size}, "
+              f"{tokens_per_step:,} tokens per step ({procs.world_size} process(es) x {args.grad_accum} micro-steps x "
+              f"{args.batch_size} x {block_size}), {len(train_tokens):,} training tokens in {data}, {device} "
+              f"{str(dtype).removeprefix('torch.')}" + (", fsdp" if sharded else "")
+              + (", activation checkpointing" if args.activation_checkpointing else ""))
         if state:
-            print(f"resuming {ckpt_path} at step {step}")
+            print(f"resuming {state_path} at step {step}")
+
+    def train_state() -> dict:
+        return {"step": step, "best_val_loss": best_val_loss, "args": run_args(args, procs), "card": card,
+                "config": dataclasses.asdict(gpt.config), "rng": gathered_rng(procs)}
+
+    def save_best(val_loss: float) -> None:
+        if sharded:
+            save_sharded(best_path, gpt, None, procs, {**train_state(), "val_loss": val_loss})
+        elif master:
+            save_checkpoint(best_path, gpt, step=step, val_loss=val_loss, args=run_args(args, procs), **card)
+
+    def save() -> None:
+        if sharded:
+            save_sharded(state_path, gpt, optimizer, procs, train_state())
+            return
+        everything = train_state()  # every process takes part (its random state)
+        if master:
+            save_checkpoint(state_path, gpt, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                            **{k: everything[k] for k in ("step", "best_val_loss", "args", "rng")}, **card)
 
     def evaluate_and_log(extra: dict) -> dict:
         nonlocal best_val_loss
@@ -479,27 +1269,25 @@ def _train(args: argparse.Namespace, procs: Processes, device: torch.device) -> 
                             block_size=block_size, seed=args.seed, ctx=ctx, procs=procs, device=device)
         record = {"step": step, **extra, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)),
                   "tokens_seen": step * tokens_per_step}
+        if args.sample_tokens and (sharded or master):  # under FSDP every process takes part in sampling
+            record["sample"] = sample_text(compiled, tok, args.sample_tokens, block_size=block_size,
+                                           seed=args.seed, ctx=ctx, device=device)
         if master:
             print(progress_line(step, args.max_steps, record), flush=True)
-            if args.sample_tokens:
-                record["sample"] = sample_text(gpt, args.sample_tokens, seed=args.seed, ctx=ctx, device=device)
+            if "sample" in record:
                 print("    " + record["sample"].replace("\n", "\n    "), flush=True)
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
-            if val_loss < best_val_loss:
-                save_checkpoint(out_dir / "best.pt", gpt, step=step, val_loss=val_loss, args=vars(args))
+        if val_loss < best_val_loss:
+            save_best(val_loss)
         best_val_loss = min(best_val_loss, val_loss)
         return record
-
-    def save() -> None:
-        save_state(ckpt_path, gpt, optimizer, scaler, step=step, best_val_loss=best_val_loss,
-                   args=args, procs=procs)
 
     train_losses, last_record, interrupted = [], {}, False
     first_step, total_time = step, 0.0
     interval_steps, interval_time, interval_loss = 0, 0.0, 0.0  # since the last evaluation
     with StopOnCtrlC(procs) as ctrl_c, \
-            open(out_dir / "metrics.jsonl", "a" if args.resume else "w") if master else nullcontext() as metrics_file:
+            open(out_dir / METRICS, "a" if args.resume else "w") if master else nullcontext() as metrics_file:
         if step == 0:
             last_record = evaluate_and_log({})  # the untrained baseline the samples improve on
         while step < args.max_steps and not interrupted:
@@ -524,7 +1312,7 @@ def _train(args: argparse.Namespace, procs: Processes, device: torch.device) -> 
             loss_value, interrupted = shared[0].item() / procs.world_size, shared[1].item() > 0
             norm_value = norm.item()
             if not math.isfinite(loss_value) or (not scaler.is_enabled() and not math.isfinite(norm_value)):
-                kept = (f"{ckpt_path} still holds the last good state" if ckpt_path.exists()
+                kept = (f"{state_path} still holds the last good state" if state_path.exists()
                         else "no checkpoint was written")
                 raise UserError(f"the loss became {loss_value} (gradient norm {norm_value}) at step {step + 1}, so "
                                 f"training stopped; {kept} (try a lower --lr or --grad-clip)")
@@ -540,28 +1328,37 @@ def _train(args: argparse.Namespace, procs: Processes, device: torch.device) -> 
                 last_record = evaluate_and_log({
                     "train_loss": interval_loss / interval_steps, "lr": lr, "grad_norm": norm_value,
                     "ms_per_step": 1000 * seconds, "tokens_per_s": tokens_per_step / seconds,
-                    "mfu": flops_per_step / seconds / (peak * procs.world_size) if peak else None})
+                    "mfu": flops_per_step / seconds / (peak * procs.world_size) if peak else None,
+                    "peak_memory": peak_memory(device)})
                 interval_steps, interval_time, interval_loss = 0, 0.0, 0.0
             if step == args.max_steps or interrupted or (args.save_every and step % args.save_every == 0):
                 save()
     if master:
+        saved = f"{state_path} and {best_path}"
         if interrupted:
-            print(f"interrupted at step {step}; saved {ckpt_path}; continue with the same command plus --resume")
+            print(f"interrupted at step {step}; saved {state_path}; continue with the same command plus --resume")
         elif step == first_step:
             print(f"no steps to run: the run is at step {step} of --max-steps {args.max_steps}")
         else:
-            print(f"done: step {step}, best validation loss {best_val_loss:.4f}; saved {ckpt_path} and "
-                  f"{out_dir / 'best.pt'}")
+            print(f"done: step {step}, best validation loss {best_val_loss:.4f}; saved {saved}"
+                  + (f" (one file each: python pretrain.py --consolidate {best_path})" if sharded else ""))
     steps_run = step - first_step
     tokens_per_s = steps_run * tokens_per_step / total_time if total_time else None
     mfu = tokens_per_s * flops_per_step / tokens_per_step / (peak * procs.world_size) if peak and tokens_per_s else None
+    optimizer_tensors = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
     return gpt, {
         "step": step, "train_losses": train_losses, "train_loss": train_losses[-1] if train_losses else None,
         "val_loss": last_record.get("val_loss"), "best_val_loss": best_val_loss, "tokens_per_s": tokens_per_s,
-        "mfu": mfu, "interrupted": interrupted, "checkpoint": str(ckpt_path)}
+        "mfu": mfu, "interrupted": interrupted, "checkpoint": str(state_path), "strategy": args.strategy,
+        "peak_memory": peak_memory(device), "param_bytes": local_bytes(gpt.parameters()),
+        "optimizer_bytes": local_bytes(optimizer_tensors)}
 
 
 def main(args: argparse.Namespace) -> dict:
+    if args.consolidate:
+        return consolidate(args.consolidate)
+    if args.plan:
+        return plan_main(args)
     return train(args)[1]
 
 

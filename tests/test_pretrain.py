@@ -1,6 +1,9 @@
-"""pretrain.py: the schedule, one step, resuming, two processes, data errors, and the script end to end."""
+"""pretrain.py: the schedule, one step, resuming, two processes (DDP and FSDP), bad input of every kind, run
+folders in use, other model families, and the script end to end."""
 import json
 import math
+import os
+import pickle
 import signal
 import socket
 import subprocess
@@ -14,6 +17,7 @@ import torch.multiprocessing as mp
 
 import pretrain
 import tokenizer
+from load_gpt2 import export_hf, load_model
 from model import GPT, get_config, load_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
@@ -129,31 +133,92 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank: int, world_size: int, port: int, argv: list[str], out: str) -> None:
-    """One of torchrun's processes, by hand: the same environment variables, then pretrain.train."""
+def _worker(rank: int, world_size: int, runs: list[tuple[str, list[str], int, int | None]], out: str) -> None:
+    """One of torchrun's processes, by hand: the same environment variables, then pretrain.train once per
+    run (each on its own port). interrupt_at: rank 0 gets a Ctrl-C during that training step."""
     import os
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1")
     torch.set_num_threads(1)  # 2 processes on 2 cores
-    model, metrics = pretrain.train(pretrain.parse_args(argv))
-    torch.save({"model": model.state_dict(), "metrics": metrics}, f"{out}/rank{rank}.pt")
+    real_step, results = pretrain.train_step, {}
+    for name, argv, port, interrupt_at in runs:
+        os.environ["MASTER_PORT"] = str(port)
+        calls = []
+
+        def step_with_ctrl_c(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == interrupt_at and rank == 0:
+                signal.raise_signal(signal.SIGINT)  # what Ctrl-C does; the step still finishes
+            return real_step(*args, **kwargs)
+
+        pretrain.train_step = step_with_ctrl_c
+        model, results[name] = pretrain.train(pretrain.parse_args(argv))
+        results[name]["weights_sum"] = sum(p.to_local().double().sum().item() if hasattr(p, "to_local")
+                                           else p.double().sum().item() for p in model.parameters())
+    torch.save(results, f"{out}/rank{rank}.pt")
 
 
-def test_two_gloo_processes_agree_and_match_one_process_with_the_same_global_batch(verdict_tokens, tmp_path):
+def test_two_gloo_processes_ddp_and_fsdp_agree_with_one_process(verdict_tokens, tmp_path):
+    """Two CPU processes (gloo), 4 steps of the tiny model: DDP equals one process with the same global
+    batch; FSDP's losses equal DDP's while each process holds half the weights and optimizer state;
+    activation checkpointing leaves the losses alone; an FSDP run interrupted at step 2 and resumed by
+    ONE process (--grad-accum 2 keeps the global batch) continues with the same losses; and its sharded
+    best.dcp consolidates into one file that load_model and export_hf read."""
     common = ["--data", str(verdict_tokens), "--preset", "tiny", "--block-size", "32", "--batch-size", "4",
               "--max-steps", "4", "--warmup-steps", "1", "--eval-every", "2", "--eval-batches", "3",
-              "--sample-tokens", "0", "--device", "cpu"]
-    mp.spawn(_ddp_worker, args=(2, _free_port(), [*common, "--out-dir", str(tmp_path / "ddp")], str(tmp_path)),
-             nprocs=2)
+              "--sample-tokens", "4", "--device", "cpu"]
+    fsdp = [*common, "--strategy", "fsdp"]
+    runs = [("ddp", [*common, "--out-dir", str(tmp_path / "ddp")], _free_port(), None),
+            ("fsdp", [*fsdp, "--out-dir", str(tmp_path / "fsdp")], _free_port(), None),
+            ("fsdp_ac", [*fsdp, "--activation-checkpointing", "--out-dir", str(tmp_path / "fsdp_ac")], _free_port(), None),
+            ("cut", [*fsdp, "--out-dir", str(tmp_path / "cut")], _free_port(), 2)]
+    mp.spawn(_worker, args=(2, runs, str(tmp_path)), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
-    one_model, one = pretrain.train(pretrain.parse_args([*common, "--grad-accum", "2",
-                                                         "--out-dir", str(tmp_path / "one")]))
+    ddp, fsdp_run, fsdp_ac, cut = (ranks[0][name] for name in ("ddp", "fsdp", "fsdp_ac", "cut"))
+    assert cut["interrupted"] and cut["step"] == 2
+    assert len(list((tmp_path / "cut" / "ckpt.dcp").glob("*.distcp"))) == 2  # each process wrote its own shards
 
-    assert all(torch.equal(ranks[0]["model"][k], ranks[1]["model"][k]) for k in ranks[0]["model"])
-    assert ranks[0]["metrics"]["train_losses"] == pytest.approx(one["train_losses"], rel=1e-5)
-    assert ranks[0]["metrics"]["val_loss"] == pytest.approx(one["val_loss"], rel=1e-5)
+    # The same global batch in one process, with the processes' arithmetic: one thread. (Matmuls split
+    # over two threads add in another order, and AdamW's first steps turn a gradient that is rounding
+    # noise (~1e-9) into a full +-lr step, so weights would differ by ~1e-5 for reasons that have
+    # nothing to do with DDP.)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one_model, one = pretrain.train(pretrain.parse_args([*common, "--grad-accum", "2",
+                                                             "--out-dir", str(tmp_path / "one")]))
+        resumed_model, resumed = pretrain.train(pretrain.parse_args([*fsdp, "--grad-accum", "2", "--resume",
+                                                                     "--out-dir", str(tmp_path / "cut")]))
+    finally:
+        torch.set_num_threads(threads)
+
+    assert ranks[0]["ddp"]["weights_sum"] == ranks[1]["ddp"]["weights_sum"]  # the replicas stayed identical
+    assert ddp["train_losses"] == pytest.approx(one["train_losses"], rel=1e-5)
+    assert ddp["val_loss"] == pytest.approx(one["val_loss"], rel=1e-5)
+    ddp_model, _ = load_checkpoint(tmp_path / "ddp" / "ckpt.pt")
     one_state = one_model.state_dict()
-    assert all(torch.allclose(ranks[0]["model"][k], one_state[k], atol=1e-5) for k in one_state)
+    assert all(torch.allclose(ddp_model.state_dict()[k], one_state[k], rtol=0, atol=1e-6) for k in one_state)
+
+    assert fsdp_run["train_losses"] == pytest.approx(ddp["train_losses"], rel=1e-5)
+    assert fsdp_run["val_loss"] == pytest.approx(ddp["val_loss"], rel=1e-5)
+    for r in range(2):  # each process holds half of the weights and of AdamW's moments (shards pad by a row)
+        held = ranks[r]["fsdp"]["param_bytes"] + ranks[r]["fsdp"]["optimizer_bytes"]
+        assert 0.49 < held / (ddp["param_bytes"] + ddp["optimizer_bytes"]) < 0.51
+    assert fsdp_ac["train_losses"] == pytest.approx(fsdp_run["train_losses"], rel=1e-6)
+
+    assert cut["train_losses"] + resumed["train_losses"] == pytest.approx(fsdp_run["train_losses"], rel=1e-5)
+    assert resumed["val_loss"] == pytest.approx(fsdp_run["val_loss"], rel=1e-5)
+
+    # The sharded best weights as one file: the model FSDP evaluated, readable by every stage.
+    pretrain.consolidate(tmp_path / "fsdp" / "best.dcp")
+    best, extra = load_model(str(tmp_path / "fsdp" / "best.pt"))
+    assert extra["model_type"] == "gpt2" and extra["step"] == 4
+    val_tokens = pretrain.load_splits(verdict_tokens, 32, 50257, tokenizer.get_tokenizer(), "gpt2")[1]
+    val = pretrain.evaluate(best, val_tokens, batches=3, batch_size=4, block_size=32, seed=1337, ctx=nullcontext(),
+                            procs=pretrain.Processes(), device=torch.device("cpu"))
+    assert val == pytest.approx(fsdp_run["best_val_loss"], rel=1e-6) == extra["val_loss"]
+    exported, _ = load_model(str(export_hf(best, tmp_path / "hf", extra)))
+    x = torch.randint(0, 50257, (1, 8))
+    assert torch.allclose(exported(x)[0], best(x)[0], atol=1e-5)
 
 
 def run_script(*args: str) -> subprocess.CompletedProcess:
@@ -204,6 +269,236 @@ def test_script_end_to_end_with_the_default_corpus_ctrl_c_and_resume(tmp_path):
     assert all(math.isfinite(r["val_loss"]) and r["sample"] for r in records) and "mfu" in records[-1]
     state = torch.load(out / "ckpt.pt", weights_only=True)
     assert state["step"] == stopped_at + 2
-    assert {"model", "config", "optimizer", "scaler", "rng", "best_val_loss", "args"} <= set(state)
+    assert {"model", "config", "optimizer", "scaler", "rng", "best_val_loss", "args", "model_type", "tokenizer"} <= set(state)
     best, extra = load_checkpoint(out / "best.pt")
     assert best.config.block_size == 32 and extra["val_loss"] == min(r["val_loss"] for r in records)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad input (issue 14): refused when parsed or before any work, in one sentence, nothing written
+
+@pytest.mark.parametrize("flags, words", [
+    ("--lr nan", "--lr"), ("--lr -1", "--lr"), ("--lr 0", "--lr"), ("--grad-clip -1", "--grad-clip"),
+    ("--weight-decay -1", "--weight-decay"), ("--min-lr 0.1 --lr 0.01", "--min-lr 0.1 is above --lr 0.01"),
+    ("--max-steps 0", "--max-steps"), ("--batch-size 0", "--batch-size"), ("--grad-accum 0", "--grad-accum"),
+    ("--dropout 1.5", "--dropout"), ("--dropout nan", "--dropout"), ("--warmup-steps -1", "--warmup-steps"),
+    ("--block-size 0", "--block-size"), ("--eval-every 0", "--eval-every"), ("--save-every -1", "--save-every"),
+    ("--preset nope", "--preset"), ("--init gpt2 --preset tiny", "--preset only applies"),
+    ("--strategy fsdp --dtype float16", "float16"), ("--strategy fsdp --compile", "--compile"),
+    ("--strategy zero", "--strategy"), ("--plan-processes 2", "--plan-processes only applies with --plan"),
+    ("--device cuda:7", "--device"),
+])
+def test_flags_that_mean_nothing_are_refused_when_parsed(flags, words):
+    with pytest.raises(tokenizer.UserError) as error:
+        pretrain.parse_args(flags.split())
+    assert words in str(error.value)
+
+
+def test_an_out_dir_that_cannot_hold_a_run_stops_before_any_work(verdict_tokens, tmp_path, monkeypatch):
+    monkeypatch.setattr(pretrain, "build", lambda *a: pytest.fail("work started before the out-dir was checked"))
+    a_file = tmp_path / "file"
+    a_file.write_text("not a folder")
+    with pytest.raises(tokenizer.UserError, match="is a file, not a folder"):
+        pretrain.train(tiny_args(verdict_tokens, a_file))
+    with pytest.raises(tokenizer.UserError, match="not a writable folder"):
+        pretrain.train(tiny_args(verdict_tokens, a_file / "sub"))
+    with pytest.raises(tokenizer.UserError, match="is a file"):
+        pretrain.main(pretrain.parse_args(["--plan", "--preset", "tiny", "--out-dir", str(a_file)]))
+    assert a_file.read_text() == "not a folder"
+
+
+def test_resume_refuses_changed_flags_naming_each_and_accepts_the_harmless_ones(verdict_tokens, tmp_path):
+    pretrain.train(tiny_args(verdict_tokens, tmp_path, "--max-steps", "1", "--sample-tokens", "0"))
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    with pytest.raises(tokenizer.UserError) as error:
+        pretrain.train(tiny_args(verdict_tokens, tmp_path, "--resume", "--lr", "0.002", "--batch-size", "8"))
+    assert "--lr 0.001 (now 0.002)" in str(error.value) and "--batch-size 4 (now 8)" in str(error.value)
+    other = tmp_path.parent / "other.txt"
+    other.write_text("Some other text. " * 400)
+    for changed in (["--data", str(other)], ["--seed", "1"], ["--dtype", "bfloat16"], ["--grad-accum", "2"],
+                    ["--strategy", "fsdp"]):
+        with pytest.raises(tokenizer.UserError, match=changed[0]):
+            args = tiny_args(verdict_tokens, tmp_path, "--resume")
+            for flag, value in zip(changed[::2], changed[1::2]):
+                setattr(args, flag[2:].replace("-", "_"), value if flag != "--grad-accum" else int(value))
+            pretrain.train(args)
+    assert (tmp_path / "ckpt.pt").read_bytes() == before
+    # What does not change the run may change: its length, the intervals, the device, checkpointing.
+    _, metrics = pretrain.train(tiny_args(verdict_tokens, tmp_path, "--resume", "--max-steps", "2", "--eval-every",
+                                          "5", "--save-every", "0", "--sample-tokens", "0",
+                                          "--activation-checkpointing"))
+    assert metrics["step"] == 2
+
+
+def test_empty_or_corrupt_checkpoints_give_one_sentence(verdict_tokens, tmp_path):
+    for name, content, words in (("empty", b"", "empty"),
+                                 ("junk", os.urandom(2048), "not a readable checkpoint|neither a checkpoint")):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "ckpt.pt").write_bytes(content)
+        with pytest.raises(tokenizer.UserError, match=words):
+            pretrain.train(tiny_args(verdict_tokens, run, "--resume"))
+        assert (run / "ckpt.pt").read_bytes() == content and not (run / "metrics.jsonl").exists()
+        with pytest.raises(tokenizer.UserError, match=words):
+            pretrain.train(pretrain.parse_args(["--data", str(verdict_tokens), "--init", str(run / "ckpt.pt"),
+                                                "--out-dir", str(tmp_path / f"{name}-init"), "--device", "cpu"]))
+
+
+class RunsCode:
+    """A pickle that would run a command if unpickled without restrictions."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_sharded_checkpoint_is_read_without_unpickling_anything_but_its_metadata(tmp_path):
+    """DCP keeps its index in a pickle (.metadata): ours reads it with an unpickler that knows only the
+    index's own classes, so a planted object is refused, not run; a damaged train_state.pt too."""
+    folder = tmp_path / "ckpt.dcp"
+    folder.mkdir()
+    marker = tmp_path / "ran"
+    (folder / ".metadata").write_bytes(pickle.dumps(RunsCode(marker)))
+    torch.save({"config": {}, "card": {}}, folder / "train_state.pt")
+    with pytest.raises(tokenizer.UserError, match="not a readable checkpoint's metadata"):
+        pretrain.load_sharded(folder, GPT(get_config("tiny")), None)
+    assert not marker.exists()
+    (folder / "train_state.pt").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(tokenizer.UserError, match="damaged"):
+        pretrain.read_train_state(folder)
+    with pytest.raises(tokenizer.UserError, match="not a folder"):
+        pretrain.consolidate(tmp_path / "nothing.dcp")
+
+
+class OtherTokenizer:
+    n_vocab, eot_token, bos_id, eos_id = 32000, 2, 1, 2
+
+
+def test_a_token_folder_made_with_another_tokenizer_is_refused(verdict_tokens):
+    with pytest.raises(tokenizer.UserError, match="tokenized with gpt2, but the model's tokenizer is other"):
+        pretrain.load_splits(verdict_tokens, 32, 50257, OtherTokenizer(), "other")
+    with pytest.raises(tokenizer.UserError, match="larger than the model's 32000"):
+        pretrain.load_splits(verdict_tokens, 32, 32000, OtherTokenizer(), "other")
+
+
+def _pretrain_process(*flags: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(REPO / "pretrain.py"), *flags], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_a_second_run_into_a_busy_folder_stops_at_once_and_a_killed_runs_lock_is_taken_over(verdict_tokens, tmp_path):
+    out = tmp_path / "run"
+    flags = ["--data", str(verdict_tokens), "--preset", "tiny", "--block-size", "32", "--batch-size", "2",
+             "--eval-every", "1", "--eval-batches", "1", "--sample-tokens", "0", "--save-every", "1",
+             "--out-dir", str(out), "--device", "cpu"]
+    first = _pretrain_process(*flags, "--max-steps", "100000")
+    try:
+        for line in first.stdout:  # wait until the first run has a checkpoint to resume
+            if line.startswith("step      2/"):
+                break
+        second = run_script(*flags, "--max-steps", "100000")
+        assert second.returncode == 1 and "Traceback" not in second.stderr
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1 and "in use by another run" in lines[0] and f"pid {first.pid}" in lines[0], lines
+    finally:
+        first.kill()  # SIGKILL: no clean-up, the lock file stays behind
+        first.communicate(timeout=60)
+    assert (out / ".lock").exists()
+    step = torch.load(out / "ckpt.pt", weights_only=True)["step"]
+    third = run_script(*flags, "--max-steps", str(step + 1), "--resume")
+    assert third.returncode == 0, third.stderr
+    assert "taking over" in third.stderr and not (out / ".lock").exists()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]  # no torn lines
+    assert records[-1]["step"] == step + 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# Other model families: the model's own tokenizer, BOS, and card
+
+class Recorder(torch.nn.Module):
+    """Stands in for a model in sample_text: records what it is fed, always predicts token 7."""
+
+    def __init__(self):
+        super().__init__()
+        self.fed = []
+
+    def forward(self, ids, last_only=False):
+        self.fed.append(ids.tolist())
+        logits = torch.full((1, 1, 10), -1e9)
+        logits[..., 7] = 0
+        return logits, None
+
+
+class BosTokenizer:
+    n_vocab, eot_token, bos_id, eos_id = 10, 2, 1, 2
+
+    def decode(self, ids):
+        return " ".join(map(str, ids))
+
+
+def test_samples_start_from_the_tokenizers_bos_or_gpt2s_end_of_text():
+    model = Recorder()
+    text = pretrain.sample_text(model, BosTokenizer(), 3, block_size=16, seed=0, ctx=nullcontext(),
+                                device=torch.device("cpu"))
+    assert model.fed[0] == [[1]] and model.fed[-1] == [[1, 7, 7]] and text == "7 7 7"
+    model = Recorder()
+    pretrain.sample_text(model, tokenizer.get_tokenizer(), 2, block_size=16, seed=0, ctx=nullcontext(),
+                         device=torch.device("cpu"))
+    assert model.fed[0] == [[50256]]
+
+
+def test_another_family_trains_with_its_card_from_random_and_from_a_hub_folder(tmp_path, offline_cache):
+    """Phi-2's maths (parallel block, partial rotary, untied head with a bias) at a few million
+    parameters, with its tokenizer (GPT-2's BPE): from random, then from its own Hub-layout export."""
+    data = offline_cache / "text" / "the-verdict.txt"
+    common = ["--data", str(data), "--block-size", "32", "--batch-size", "2", "--max-steps", "2",
+              "--eval-every", "2", "--eval-batches", "1", "--sample-tokens", "4", "--device", "cpu"]
+    model, metrics = pretrain.train(pretrain.parse_args([*common, "--preset", "phi-2-tiny",
+                                                         "--out-dir", str(tmp_path / "random")]))
+    state = torch.load(tmp_path / "random" / "ckpt.pt", weights_only=True)
+    assert (state["model_type"], state["tokenizer"]) == ("phi", "gpt2") and metrics["step"] == 2
+    best, card = load_model(str(tmp_path / "random" / "best.pt"))
+    folder = export_hf(best, tmp_path / "hub", card, tokenizer=tokenizer.get_tokenizer())
+    _, again = pretrain.train(pretrain.parse_args([*common, "--init", str(folder), "--dropout", "0.1",
+                                                   "--out-dir", str(tmp_path / "from_hub")]))
+    state = torch.load(tmp_path / "from_hub" / "ckpt.pt", weights_only=True)
+    assert (state["model_type"], state["tokenizer"]) == ("phi", "gpt2") and state["config"]["dropout"] == 0.1
+    assert math.isfinite(again["val_loss"])
+
+
+def test_resume_keeps_the_runs_tokenizer(verdict_tokens, tmp_path):
+    """The tokenizer comes from the checkpoint's card, not from today's flags: a card naming a
+    tokenizer that is not there stops the resumed run, naming it."""
+    pretrain.train(tiny_args(verdict_tokens, tmp_path, "--max-steps", "1", "--sample-tokens", "0"))
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    state["tokenizer"] = str(tmp_path / "gone" / "tokenizer.model")
+    torch.save(state, tmp_path / "ckpt.pt")
+    with pytest.raises(tokenizer.UserError, match="gone"):
+        pretrain.train(tiny_args(verdict_tokens, tmp_path, "--resume", "--max-steps", "2"))
+
+
+@pytest.mark.skipif(not hasattr(tokenizer, "load_tokenizer"),
+                    reason="tokenizer.py's SentencePiece reader (load_tokenizer) is not in this checkout yet")
+def test_mistral_tiny_trains_with_its_own_tokenizer_from_random_and_from_a_hub_folder(tmp_path, offline_cache):
+    """Mistral's maths and its 32,000-token SentencePiece vocabulary: the corpus is tokenized with it
+    (its own token folder), and the Hub-layout export (weights, config.json, tokenizer.model) trains too."""
+    text = offline_cache / "text" / "the-verdict.txt"
+    common = ["--data", str(text), "--block-size", "64", "--batch-size", "2", "--max-steps", "2", "--eval-every",
+              "2", "--eval-batches", "1", "--sample-tokens", "4", "--device", "cpu"]
+    _, metrics = pretrain.train(pretrain.parse_args([*common, "--preset", "mistral-tiny",
+                                                     "--out-dir", str(tmp_path / "random")]))
+    state = torch.load(tmp_path / "random" / "ckpt.pt", weights_only=True)
+    assert state["model_type"] == "mistral" and state["tokenizer"].endswith("tokenizer.model")
+    folder = pretrain.token_folder(str(text), state["tokenizer"])
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["tokenizer_name"] == state["tokenizer"] and meta["vocab_size"] == 32000
+    assert folder != pretrain.token_folder(str(text))  # GPT-2's tokens of the same text live elsewhere
+    assert math.isfinite(metrics["val_loss"])
+    best, card = load_model(str(tmp_path / "random" / "best.pt"))
+    hub = export_hf(best, tmp_path / "hub", card)
+    _, again = pretrain.train(pretrain.parse_args([*common, "--init", str(hub), "--out-dir", str(tmp_path / "hub_run")]))
+    state = torch.load(tmp_path / "hub_run" / "ckpt.pt", weights_only=True)
+    assert state["model_type"] == "mistral" and Path(state["tokenizer"]) == hub.resolve()
+    assert math.isfinite(again["val_loss"])
