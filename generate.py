@@ -1,12 +1,16 @@
-"""Text generation: sampling from logits, KV-cached decoding that streams tokens, and a command line.
+"""Text generation: sampling from logits, KV-cached decoding that streams tokens, int8 weights, and a command line.
 
     python generate.py --init gpt2 --prompt "Every effort moves you"
+    python generate.py --init mistralai/Mistral-7B-v0.1 --quantize int8 --prompt "A laptop can"  # ~8 GB
 
 `generate()` runs the prompt through the model once (prefill), then feeds one new token at a time
 through a KV cache, so each step costs one token's worth of compute instead of the whole sequence's.
 It yields tokens as they are sampled and stops at an end-of-text token or a stop string. Prompts of
 different lengths share a batch by left padding plus an attention mask; each row then gets exactly
-the tokens it would get alone. Other stages import `sample_next`, `generate` and `left_pad`.
+the tokens it would get alone. Decoding one token at a time reads every weight once per token, so
+its speed is set by the bytes of the weights: `--dtype bfloat16` halves them, and `--quantize int8`
+(`Int8Linear`, `quantize_int8`) quarters them. Other stages import `sample_next`, `generate`,
+`left_pad`, `TextStream` and the int8 pieces.
 """
 import argparse
 import sys
@@ -14,10 +18,15 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
-from load_gpt2 import load_model
-from model import DTYPES, GPT, KVCache, device_and_dtype
-from tokenizer import UserError, get_tokenizer, run_stage
+from load_gpt2 import add_init_args, load_model, tokenizer_for
+from model import GPT, KVCache, add_device_args, device_and_dtype
+from tokenizer import (ArgumentParser, UserError, bos, non_negative_float, non_negative_int, positive_float,
+                       positive_int, run_stage)
+
+DEFAULT_NEW_TOKENS = 100  # without --max-new-tokens: this many, or what the context leaves after the prompt
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -25,7 +34,7 @@ from tokenizer import UserError, get_tokenizer, run_stage
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
     """Raise ValueError, naming the setting, for sampling settings that mean nothing."""
-    if temperature < 0:
+    if not temperature >= 0:  # also refuses nan
         raise ValueError(f"temperature must be 0 (greedy) or positive, not {temperature}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top-k must be at least 1, not {top_k}")
@@ -66,12 +75,18 @@ class TextStream:
     A token may end inside a UTF-8 character (an emoji often spans 2-3 tokens), and decoding then ends
     in U+FFFD: that tail is held back until a later token completes the character. A tail that could
     be the start of a stop string is held back too; once a stop string appears, the text is cut just
-    before it and `stopped` turns True."""
+    before it and `stopped` turns True.
 
-    def __init__(self, decode: Callable[[list[int]], str], stop_strings: Sequence[str] = ()):
+    prefix: the ids before the new ones (the prompt). They are decoded together with the new ones but
+    their own text is not handed out: SentencePiece tokenizers drop the space a text's first piece
+    starts with, so decoding the new tokens alone would glue the first new word to the prompt."""
+
+    def __init__(self, decode: Callable[[list[int]], str], stop_strings: Sequence[str] = (),
+                 prefix: Sequence[int] = ()):
         self.decode = decode
         self.stop_strings = [s for s in stop_strings if s]
-        self.ids: list[int] = []
+        self.ids: list[int] = list(prefix)
+        self.start = len(decode(self.ids)) if self.ids else 0  # where the new tokens' text begins
         self.text = ""  # the text handed out so far
         self.stopped = False
 
@@ -89,7 +104,7 @@ class TextStream:
             return ""
         # Decoding everything again is simple and cheap next to a forward pass (tiktoken decodes
         # millions of tokens a second), and it keeps characters that span tokens right.
-        text = self.decode(self.ids)
+        text = self.decode(self.ids)[self.start:]
         # A stop string cannot start in text already handed out: that text was held back.
         hits = [i for i in (text.find(s, len(self.text)) for s in self.stop_strings) if i >= 0]
         if hits:
@@ -114,6 +129,151 @@ class TextStream:
 
 
 # ---------------------------------------------------------------------------------------------------
+# int8 weights: a quarter of float32's bytes, so a 7B model decodes in about 8 GB
+#
+# Weight-only quantisation: each matrix is stored as int8 with one scale per output channel (row),
+# and multiplied by activations that stay in floating point. Decoding a token reads every weight
+# once and does two flops with it, so fewer bytes per weight is fewer milliseconds per token.
+
+def quantize_rows(weight: torch.Tensor, chunk_rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float matrix (N, K) -> its int8 values (N, K) and one scale per row (N,), in weight's dtype,
+    with weight ~= int8 * scale[:, None].
+
+    Symmetric and per row: a row's largest magnitude becomes 127, so rows of small weights keep their
+    own resolution, and rounding moves a weight by at most half a step, max|row| / 254. The scale
+    is rounded to weight's dtype before dividing, so the int8 values fit the scale that is kept.
+    Done chunk_rows rows at a time, so the float32 temporaries stay small next to the matrix."""
+    N = weight.size(0)
+    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scales = torch.empty(N, dtype=weight.dtype, device=weight.device)
+    for first in range(0, N, chunk_rows):
+        rows = weight[first:first + chunk_rows].float()  # (n, K)
+        scale = (rows.abs().amax(dim=1) / 127).to(weight.dtype)  # (n,)
+        scale = torch.where(scale == 0, 1, scale)  # an all-zero row: any scale gives back zeros
+        q[first:first + chunk_rows] = (rows / scale.float()[:, None]).round_().clamp_(-127, 127)
+        scales[first:first + chunk_rows] = scale
+    return q, scales
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """t, contiguous and starting on a 64-byte boundary (a copy if needed): the CPU int8 kernel reads
+    rows with aligned vector loads and crashes on a tensor that starts mid-vector."""
+    t = t.contiguous()
+    return t if t.data_ptr() % 64 == 0 else t.clone()
+
+
+class Int8Linear(nn.Module):
+    """nn.Linear with an int8 weight (out, in) and one scale per output channel: y = (x @ w.T) * scale + bias.
+
+    Decoding (a few rows of x) on a CPU uses PyTorch's int8 kernel, aten._weight_int8pack_mm: it converts
+    and scales the int8 values in registers, so no float copy of the matrix is ever written. Its
+    vectorised path takes bfloat16 activations and returns bfloat16, so float32 activations are rounded
+    to bfloat16 for the product (a relative error of 2^-9, below int8's own) and the result cast back;
+    it needs `in` to be a multiple of 16. Its work grows with every row of x, so for a prompt (many rows)
+    a block of the matrix at a time is dequantised into the activations' dtype and multiplied by the
+    BLAS kernel instead (here 1.4x faster at 64 rows, 2x at 1,024, in float32); GPUs and MPS always
+    take this path.
+
+    Speed: decoding GPT-2 124M on this 2-core CPU, the kernel reads int8 weights from memory at about
+    5 GB/s per core, against 15 GB/s for MKL's float32 product, so a quarter of the bytes makes tokens
+    only ~1.3x faster than float32 (1.5x with --dtype bfloat16), not 4x (tests/bench.py generate)."""
+
+    KERNEL_MAX_ROWS = 32  # rows of x (tokens) up to which the CPU int8 kernel beats dequantising
+    DEQUANTISE_ELEMENTS = 1 << 24  # the weights dequantised at a time: 64 MB of float32
+
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, bias: nn.Parameter | None = None):
+        super().__init__()
+        assert weight.dtype == torch.int8 and weight.dim() == 2 and scales.shape == weight.shape[:1], \
+            f"need an int8 (out, in) weight and (out,) scales, got {weight.dtype} {tuple(weight.shape)}, {tuple(scales.shape)}"
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", _aligned(weight))  # (out, in) int8; a buffer: nothing here trains
+        self.register_buffer("scales", scales)  # (out,), the model's float dtype
+        self.bias = bias
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+        return cls(*quantize_rows(linear.weight.detach()), linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if x.device.type == "cpu" and self.in_features % 16 == 0 and rows <= self.KERNEL_MAX_ROWS:
+            a = _aligned(x.reshape(rows, self.in_features).to(torch.bfloat16))  # (M, in): the kernel takes 2-D
+            y = torch.ops.aten._weight_int8pack_mm(a, self.weight, self.scales.to(torch.bfloat16))  # (M, out)
+            y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        else:
+            y = torch.empty(*x.shape[:-1], self.out_features, dtype=x.dtype, device=x.device)
+            step = max(1, self.DEQUANTISE_ELEMENTS // self.in_features)
+            for first in range(0, self.out_features, step):
+                block = slice(first, first + step)
+                y[..., block] = F.linear(x, self.weight[block].to(x.dtype)) * self.scales[block].to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class Int8Embedding(nn.Module):
+    """nn.Embedding over an int8 table (V, C) with one scale per row: each looked-up row is dequantised
+    alone. A model whose head is tied to its embedding passes the head's int8 matrix and scales,
+    so one int8 table serves both, as one float matrix did."""
+
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor):
+        super().__init__()
+        self.register_buffer("weight", weight)  # (V, C) int8
+        self.register_buffer("scales", scales)  # (V,), the model's float dtype
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.weight[idx].to(self.scales.dtype) * self.scales[idx].unsqueeze(-1)  # (..., C)
+
+
+@torch.no_grad()
+def quantize_int8(model: GPT) -> GPT:
+    """Store every matrix of a model in int8, in place: each nn.Linear (the blocks' and the LM head)
+    becomes an Int8Linear, and the token embedding an Int8Embedding (the head's own table when tied).
+
+    The norms, the biases and a learned position table stay in floating point: GPT-2 124M keeps 0.9 M
+    of its 124 M weights so. Each float matrix is dropped as soon as its int8 form exists, so memory
+    peaks at the float model plus one int8 matrix. Quantise the model where it will run: moving it
+    afterwards would copy a tied table twice."""
+    tied = model.tied
+    # The parents of the Linears, not the Linears themselves: a list holding those would keep every
+    # float matrix alive until the end.
+    parents = [m for m in model.modules() if any(type(c) is nn.Linear for c in m.children())]
+    for module in parents:
+        for name in [name for name, child in module.named_children() if type(child) is nn.Linear]:
+            # exactly nn.Linear: a LoRALinear would lose its adapters
+            setattr(module, name, Int8Linear.from_linear(getattr(module, name)))
+    if tied:
+        head = model.lm_head
+        model.transformer.wte = Int8Embedding(head.weight, head.scales)
+    else:
+        model.transformer.wte = Int8Embedding(*quantize_rows(model.transformer.wte.weight.detach()))
+    return model
+
+
+def tensor_bytes(model: nn.Module) -> int:
+    """The bytes of a model's parameters and buffers; a tensor that two modules share (a tied table)
+    counts once. Works on the meta device too, which sizes a model without allocating it."""
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
+def load_for_generation(init: str, *, preset: str | None = None, device: torch.device | str = "cpu",
+                        dtype: torch.dtype = torch.float32, quantize: str | None = None) -> tuple[GPT, dict]:
+    """load_model, in int8 when quantize == "int8": the model to generate with, and its extra (the card).
+
+    For int8 the weights are read in bfloat16, which halves the memory the load peaks at next to
+    float32 (7B: 14.5 GB, and then 7.5 GB once quantised). bfloat16 is the Hub's dtype for every
+    family but GPT-2, whose float32 weights move by at most 2^-9 of themselves, well inside an int8
+    step. Then each matrix turns int8, and what stays in floating point takes `dtype`."""
+    if quantize not in (None, "int8"):
+        raise ValueError(f"unknown quantisation {quantize!r}; the one offered is int8")
+    model, extra = load_model(init, preset=preset, device=device, dtype=torch.bfloat16 if quantize else dtype)
+    if quantize == "int8":
+        quantize_int8(model).to(dtype)
+    return model, extra
+
+
+# ---------------------------------------------------------------------------------------------------
 # Decoding with a KV cache
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0,
@@ -135,26 +295,27 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0,
 
 
 def _compute_dtype(model: GPT, device: torch.device) -> torch.dtype:
-    """The dtype keys and values come out in: autocast's if it is on, else the weights'."""
+    """The dtype keys and values come out in: autocast's if it is on, else the float weights'."""
     if torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
-    return next(model.parameters()).dtype
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())
 
 
 @torch.inference_mode()
 def generate(model: GPT, ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
              stop_strings: Sequence[str] = (), decode: Callable[[list[int]], str] | None = None,
-             generator: torch.Generator | None = None,
-             attention_mask: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+             generator: torch.Generator | None = None, attention_mask: torch.Tensor | None = None,
+             n_vocab: int | None = None) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, (B,) int64 on ids' device, up to max_new_tokens times.
 
     ids (B, T): the prompts; for prompts of different lengths, left-pad them and pass attention_mask
     (B, T) with 1 for real tokens (see left_pad). model may be a torch.compile'd GPT.
     A row finishes when it samples eos_id (which it yields) or when its generated text contains one
     of stop_strings (which needs decode, ids -> text; the row yields the token that completed it).
-    Finished rows yield -1 until all rows are done, and then the generator ends. The other arguments
-    are sample_next's."""
+    Finished rows yield -1 until all rows are done, and then the generator ends. n_vocab: sample only
+    ids below it, when the tokenizer has fewer tokens than the model has rows (Phi-2 pads its 50,295
+    to 51,200). The other arguments are sample_next's."""
     check_sampling(temperature, top_k, top_p)
     if stop_strings and decode is None:
         raise ValueError("stop_strings need decode, a function from token ids to text")
@@ -168,18 +329,21 @@ def generate(model: GPT, ids: torch.Tensor, max_new_tokens: int, *, temperature:
     # One slot per token this call will feed the model: the prompt, then every new token but the last.
     cache = KVCache(model.config, B, T + max_new_tokens - 1, device, _compute_dtype(model, device))
     # One token at a time, the LM head is the largest matrix read per token (154 MB for GPT-2 124M in
-    # fp32), and CPU matmul kernels stream it much faster as (C, V) than in nn.Linear's (V, C) layout
-    # (MKL here: 8 ms against 14 ms per token). So on a CPU we decode with a transposed copy of it;
-    # GPUs read both layouts at full speed and keep their memory.
+    # fp32), and CPU matmul kernels stream a float32 one much faster as (C, V) than in nn.Linear's (V, C)
+    # layout (MKL here: 8 ms against 14 ms per token). So on a CPU we decode with a transposed copy of a
+    # float32 head. Not in bfloat16, whose (V, C) product is the faster one here (7 ms against 10), nor
+    # for an int8 head (Int8Linear), whose kernel is made for (V, C); GPUs read both layouts at full
+    # speed and keep their memory.
     head_t = None
-    if device.type == "cpu" and model.config.num_classes is None:
+    if device.type == "cpu" and model.config.num_classes is None and type(model.lm_head) is nn.Linear \
+            and model.lm_head.weight.dtype == torch.float32:
         head_t = model.lm_head.weight.t().contiguous()  # (C, V)
     logits, _ = model(ids, attention_mask=attention_mask, kv_cache=cache,
                       cache_positions=torch.arange(T, device=device), last_only=True, head_t=head_t)  # (B, 1, V)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     streams = [TextStream(decode, stop_strings) for _ in range(B)] if stop_strings else []
     for step in range(max_new_tokens):
-        next_ids = sample_next(logits[:, -1], temperature, top_k, top_p, generator)  # (B,)
+        next_ids = sample_next(logits[:, -1, :n_vocab], temperature, top_k, top_p, generator)  # (B,)
         yield torch.where(done, -1, next_ids)
         if eos_id is not None:
             done |= next_ids == eos_id
@@ -209,64 +373,116 @@ def read_prompts(stream) -> Iterator[str]:
         yield line.rstrip("\r\n")
 
 
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """The ids a prompt's text is fed to the model as: the family's BOS (if it has one), then the text,
+    where special-token text such as <|endoftext|> or </s> becomes its id. An empty prompt is an
+    unconditional sample: it starts from the BOS, or for GPT-2, which has none, from <|endoftext|>."""
+    ids = bos(tokenizer) + tokenizer.encode(prompt, allowed_special="all")
+    return ids or [tokenizer.eot_token]
+
+
+def new_tokens_for(prompt_length: int, block_size: int, asked: int | None) -> int:
+    """How many tokens to generate after a prompt: --max-new-tokens if given (UserError if the context
+    cannot hold them), else DEFAULT_NEW_TOKENS or the room the context leaves, whichever is fewer."""
+    room = block_size - prompt_length
+    if room < 1:
+        raise UserError(f"the prompt has {prompt_length} tokens, which fills the model's context of {block_size} "
+                        "tokens; shorten it")
+    if asked is None:
+        return min(DEFAULT_NEW_TOKENS, room)
+    if asked > room:
+        raise UserError(f"the prompt has {prompt_length} tokens, and with --max-new-tokens {asked} that exceeds "
+                        f"the model's context of {block_size}")
+    return asked
+
+
 def generate_text(model: GPT, tokenizer, prompt: str, args: argparse.Namespace,
                   generator: torch.Generator, device: torch.device) -> dict:
-    """Stream one sample for prompt to stdout (prompt, then continuation); report counts on stderr."""
-    # GPT-2's unconditional samples start from <|endoftext|>; a prompt may contain it too.
-    prompt_ids = tokenizer.encode(prompt, allowed_special={"<|endoftext|>"}) or [tokenizer.eot_token]
-    max_new_tokens = args.max_new_tokens
-    if len(prompt_ids) + max_new_tokens > model.config.block_size:
-        raise UserError(f"the prompt has {len(prompt_ids)} tokens, and with --max-new-tokens "
-                        f"{max_new_tokens} that exceeds the model's context of {model.config.block_size}")
-    if max(prompt_ids) >= model.config.vocab_size:
-        raise UserError(f"the prompt has a token id of {max(prompt_ids)}, beyond this model's vocabulary "
+    """Stream one sample for prompt to stdout (the prompt as typed, then the continuation); report counts
+    on stderr."""
+    ids = prompt_ids(tokenizer, prompt)
+    block_size = model.config.block_size
+    max_new_tokens = new_tokens_for(len(ids), block_size, args.max_new_tokens)
+    if max(ids) >= model.config.vocab_size:
+        raise UserError(f"the prompt has a token id of {max(ids)}, beyond this model's vocabulary "
                         f"of {model.config.vocab_size}")
-    text = TextStream(tokenizer.decode, args.stop)
+    if args.max_new_tokens is None and max_new_tokens < DEFAULT_NEW_TOKENS:
+        print(f"[note: the model's context of {block_size} tokens leaves room for {max_new_tokens} new tokens "
+              f"after the prompt's {len(ids)}]", file=sys.stderr, flush=True)
+    # The text is decoded after the prompt's ids, so that the first new word joins the prompt as the
+    # tokenizer would join it; the stream, not generate(), watches for stop strings.
+    text = TextStream(tokenizer.decode, args.stop, prefix=ids)
+    eos_id = tokenizer.eos_id
     print(prompt, end="", flush=True)
     start = time.perf_counter()
     first = None  # when the first token arrived: prefill (and with --compile, compiling) is done
     n_new = 0
-    ids = torch.tensor([prompt_ids], device=device)
-    for token in generate(model, ids, max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, eos_id=tokenizer.eot_token, stop_strings=args.stop,
-                          decode=tokenizer.decode, generator=generator):
+    for token in generate(model, torch.tensor([ids], device=device), max_new_tokens,
+                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_id=eos_id,
+                          generator=generator, n_vocab=tokenizer.n_vocab):
         token = int(token)  # (1,) -> int; waits for the device, which streaming needs anyway
         first = first or time.perf_counter()
         n_new += 1
-        if token == tokenizer.eot_token:
+        if token == eos_id:
             break
         print(text.push(token), end="", flush=True)
+        if text.stopped:
+            break
     print(text.flush(), flush=True)
     end = time.perf_counter()
     # The rate after the first token: what decoding sustains, without prefill or compile time.
     rate = f", then {(n_new - 1) / (end - first):.1f} tokens/s" if n_new > 1 else ""
-    print(f"[prompt {len(prompt_ids)} tokens; generated {n_new} tokens, the first after {first - start:.2f} s"
+    print(f"[prompt {len(ids)} tokens; generated {n_new} tokens, the first after {first - start:.2f} s"
           f"{rate}]", file=sys.stderr, flush=True)
-    return {"text": prompt + text.text, "prompt_tokens": len(prompt_ids), "new_tokens": n_new,
+    return {"text": prompt + text.text, "prompt_tokens": len(ids), "new_tokens": n_new,
             "decode_seconds": end - first}
 
 
+def probability(text: str) -> float:
+    """An argparse type for --top-p: a number in (0, 1]."""
+    value = positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a probability in (0, 1]")
+    return value
+
+
+def stop_string(text: str) -> str:
+    """An argparse type for --stop: any text but the empty string, which would stop every sample at once."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty stop string would end every sample before it starts; give "
+                                         "some text")
+    return text
+
+
+def seed(text: str) -> int:
+    """An argparse type for --seed: a whole number that torch's generators accept, 0 to 2^63 - 1."""
+    value = non_negative_int(text)
+    if value >= 2**63:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a seed below 2^63")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--init", default="gpt2",
-                   help="GPT-2 name (gpt2, gpt2-medium, gpt2-large, gpt2-xl), a checkpoint of our stages, "
-                        "a Hugging Face folder or model.safetensors, or 'random' (with --preset)")
-    p.add_argument("--preset", default=None, help="model size for --init random, e.g. tiny, mini, gpt2")
-    p.add_argument("--prompt", default=None, help="text to continue; without it, one prompt per line of stdin")
-    p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy; higher is more random")
-    p.add_argument("--top-k", type=int, default=200, help="sample among the k most likely tokens only")
-    p.add_argument("--top-p", type=float, default=None,
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_init_args(p, "gpt2", what="the model to sample from")
+    p.add_argument("--prompt", default=None,
+                   help="text to continue ('' for an unconditional sample); without it, one prompt per line of stdin")
+    p.add_argument("--max-new-tokens", type=positive_int, default=None,
+                   help=f"tokens to generate per sample; by default {DEFAULT_NEW_TOKENS}, or fewer when the model's "
+                        "context leaves less room after the prompt (a note then says how many)")
+    p.add_argument("--temperature", type=non_negative_float, default=0.8, help="0 is greedy; higher is more random")
+    p.add_argument("--top-k", type=positive_int, default=200, help="sample among the k most likely tokens only")
+    p.add_argument("--top-p", type=probability, default=None,
                    help="sample among the most likely tokens whose probability adds up to p only")
-    p.add_argument("--stop", action="append", default=[],
+    p.add_argument("--stop", type=stop_string, action="append", default=[],
                    help="stop a sample when its text contains this string (not printed); repeatable; "
                         "in bash, --stop $'\\n' stops at the end of a line")
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--num-samples", type=int, default=1, help="samples per prompt, one after another")
-    p.add_argument("--device", default="auto", help="auto picks cuda, then mps, then cpu")
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
-                   help="weights and compute; auto is bfloat16 on a GPU that supports it, else float32")
+    p.add_argument("--seed", type=seed, default=1337)
+    p.add_argument("--num-samples", type=positive_int, default=1, help="samples per prompt, one after another")
+    add_device_args(p, dtype_help="weights and compute (bfloat16 halves the weights' memory, on a CPU too)")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="int8: every matrix stored as int8 with one scale per output channel, a quarter of "
+                        "float32's memory (a 7B model in about 8 GB); --dtype sets the rest. Default: none")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the model: the first tokens wait for compiling, the rest come faster "
                         "(on CPU with frozen weights, which takes more memory)")
@@ -274,18 +490,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> dict:
-    try:
-        check_sampling(args.temperature, args.top_k, args.top_p)
-    except ValueError as e:
-        raise UserError(f"--{e}") from None
-    if args.max_new_tokens < 1 or args.num_samples < 1:
-        raise UserError("--max-new-tokens and --num-samples must be at least 1")
     device, dtype = device_and_dtype(args.device, args.dtype)
-    tokenizer = get_tokenizer()  # first: a missing tokenizer file should not wait for a model load
     torch.manual_seed(args.seed)  # makes --init random reproducible too
-    model, _ = load_model(args.init, preset=args.preset, device=device, dtype=dtype)
+    model, extra = load_for_generation(args.init, preset=args.preset, device=device, dtype=dtype,
+                                       quantize=args.quantize)
     if model.config.num_classes is not None:
         raise UserError(f"{args.init} is a classifier with {model.config.num_classes} classes; it cannot generate text")
+    tokenizer = tokenizer_for(extra)
     model.eval()
     if args.compile:
         if device.type == "cpu":

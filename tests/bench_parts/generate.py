@@ -1,16 +1,34 @@
 """Decoding benchmarks of generate.py: GPT-2 124M, batch 1, greedy, random weights.
 
-    python tests/bench.py generate --hf-python VENV/bin/python     # this CPU, fp32
+    python tests/bench.py generate --hf-python VENV/bin/python     # this CPU: float32, bfloat16, int8, transformers
+    python tests/bench.py generate --decode-preset mini --decode-new-tokens 32 --decode-variants int8   # a quick look
     python tests/bench.py gpu                                      # CUDA, bf16 (decoding part)
 
-`generate` (CPU, fp32): a 16-token prompt and 256 new tokens through generate() with its KV cache,
-eager and compiled the way `generate.py --compile` compiles on a CPU; a loop that recomputes the
-whole sequence for every token; and Hugging Face transformers' GPT2LMHeadModel.generate on the same
-weights. transformers is not a dependency of this project: it runs in a subprocess with the Python of
-a throwaway venv that has it (--hf-python). Targets (issue 3): the cache >= 3x the recomputing loop,
-and >= transformers' tokens/s in the same run.
+`generate` (CPU): random GPT-2 124M weights (seed 0) are written once in the Hub's layout (float32, as
+GPT-2 is on the Hub) to a temporary folder. Each decoder then runs in a fresh process of its own, so
+that its peak memory is its own: it loads the folder as `generate.py` does (generate.load_for_generation),
+decodes a 16-token prompt into 256 greedy tokens with generate() after a warm-up, and reports
+tokens/s, the bytes of its weights and its peak RSS (which includes the ~240 MB that Python and torch
+take before loading, given as "import"). The decoders:
+  float32          generate.py's default on a CPU
+  float32-compile  --compile (frozen weights, as generate.py compiles on a CPU)
+  bfloat16         --dtype bfloat16
+  int8             --quantize int8 (the norms and activations float32)
+  int8-bfloat16    --quantize int8 --dtype bfloat16
+  recompute        float32 without the KV cache: the whole sequence again for every token
+  transformers     GPT2LMHeadModel.generate, float32, same weights, in the venv of --hf-python (transformers
+                   is not a dependency of this project)
+Agreement with float32 over the first 64 greedy tokens: "same_first", how many tokens are identical
+before the first difference, and "top1_agree", the share of the 64 positions where a decoder's greedy
+choice equals float32's when both are given float32's tokens so far (teacher forcing: one near-tie
+early on does not decide the other 63). Random weights make next-token distributions nearly flat, so
+near-ties are far more common than with trained weights.
+Targets: int8 >= 2x float32's tokens/s (issue 13); the KV cache >= 3x recomputing, and >= transformers
+(issue 3).
+
 `gpu` (CUDA, bf16): eager, torch.compile as `generate.py --compile`, and torch.compile with CUDA
-graphs; target >= 1000 tokens/s compiled. The training step is in bench_parts/train.py.
+graphs, each with its peak allocated memory; target >= 1000 tokens/s compiled. The training step is
+in bench_parts/train.py.
 Each run_* returns rows (dicts) for the benchmark table.
 """
 import argparse
@@ -23,19 +41,49 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: model.py & co.
-from generate import generate  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))  # the repository root: model.py & co.
+from bench_parts.load import PEAK_RSS  # noqa: E402
+from generate import generate, load_for_generation, tensor_bytes  # noqa: E402
 from load_gpt2 import export_hf  # noqa: E402
-from model import GPT, get_config  # noqa: E402
+from model import DTYPES, GPT, PRESETS, get_config  # noqa: E402
 from tokenizer import UserError  # noqa: E402
 
-# Run by the venv's Python: argv = folder (Hub layout), prompt ids (JSON), new tokens, threads.
-HF_SCRIPT = """
-import json, sys, time
+AGREEMENT_TOKENS = 64
+GPT2_PRESETS = [name for name, config in PRESETS.items() if config.positions == "learned"]
+# name -> how generate.py is asked for it: --dtype, --quantize, --compile, and whether the KV cache is used
+VARIANTS = {
+    "float32": ("float32", None, False, True),
+    "float32-compile": ("float32", None, True, True),
+    "bfloat16": ("bfloat16", None, False, True),
+    "int8": ("float32", "int8", False, True),
+    "int8-bfloat16": ("bfloat16", "int8", False, True),
+    "recompute": ("float32", None, False, False),
+}
+LABELS = {"float32": "float32 (generate.py)", "float32-compile": "float32 (generate.py --compile)",
+          "bfloat16": "bfloat16 (generate.py --dtype bfloat16)", "int8": "int8 (generate.py --quantize int8)",
+          "int8-bfloat16": "int8 (generate.py --quantize int8 --dtype bfloat16)",
+          "recompute": "float32 recomputing the whole sequence for every token (no KV cache)"}
+
+# One decoder in a fresh process: argv[1] is the JSON spec of measure_variant.
+WORKER = f"""
+import json, resource, sys
+sys.path[:0] = [{str(REPO)!r}, {str(REPO / "tests")!r}]
+import torch
+{PEAK_RSS}
+from bench_parts.generate import measure_variant
+print(json.dumps(measure_variant(json.loads(sys.argv[1]), peak_rss)))
+"""
+
+# transformers, run by the venv's Python: argv = folder (Hub layout), prompt ids (JSON), new tokens, threads.
+HF_SCRIPT = f"""
+import json, resource, sys, time
 import torch
 from transformers import GPT2LMHeadModel
+{PEAK_RSS}
 folder, prompt, new_tokens = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
 torch.set_num_threads(int(sys.argv[4]))
+import_rss = peak_rss()
 model = GPT2LMHeadModel.from_pretrained(folder, dtype=torch.float32).eval()
 model.generation_config.eos_token_id = None  # like ours here: always generate new_tokens tokens
 ids = torch.tensor([prompt])
@@ -45,35 +93,35 @@ with torch.inference_mode():
     start = time.perf_counter()
     out = model.generate(ids, max_new_tokens=new_tokens, **kwargs)
     seconds = time.perf_counter() - start
-print(json.dumps({"seconds": seconds, "tokens": out[0, len(prompt):].tolist(),
-                  "attn_implementation": model.config._attn_implementation}))
+print(json.dumps({{"seconds": seconds, "tokens": out[0, len(prompt):].tolist(), "import_rss": import_rss,
+                  "peak_rss": peak_rss(), "attn_implementation": model.config._attn_implementation}}))
 """
 
 
 def add_arguments(parser: argparse.ArgumentParser, gpu: bool = False) -> None:
-    """The decoding flags; the gpu run has no transformers comparison, so no --hf-python."""
+    """The decoding flags; the gpu run has no transformers comparison and no variants, so fewer."""
     group = parser.add_argument_group("generate")
     if not gpu:
         group.add_argument("--hf-python", default=None,
                            help="Python of a venv with transformers, for the comparison (skipped without)")
+        group.add_argument("--decode-variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                           help="our decoders to time; float32 always runs first (the others are compared with it)")
+        group.add_argument("--decode-preset", default="gpt2", choices=GPT2_PRESETS,
+                           help="model size (random weights); GPT-2's family, which transformers runs as GPT-2")
     group.add_argument("--decode-prompt-tokens", type=int, default=16, help="prompt length (random ids)")
     group.add_argument("--decode-new-tokens", type=int, default=256, help="greedy tokens to generate")
 
 
-def random_gpt2(device: str = "cpu", dtype: torch.dtype = torch.float32) -> GPT:
-    torch.manual_seed(0)
-    with torch.device(device):
-        return GPT(get_config("gpt2")).to(dtype).eval()
+# ---------------------------------------------------------------------------------------------------
+# Timing one decoder
 
-
-def decode_row(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int, setting: str) -> tuple[list[int], dict]:
-    """Time generate() (greedy, KV cache) after a warm-up run, which also triggers any compilation."""
-    run = lambda: [int(t) for t in generate(model, prompt, new_tokens, temperature=0)]  # int() waits for the device
-    run()
+def timed_decode(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int, warmup: int) -> tuple[list[int], float]:
+    """generate() greedy with its KV cache after a warm-up of `warmup` tokens: (tokens, seconds).
+    A compiled model needs a warm-up of the same length: the cache's shape depends on it."""
+    list(generate(model, prompt, warmup, temperature=0))
     start = time.perf_counter()
-    tokens = run()
-    seconds = time.perf_counter() - start
-    return tokens, {"benchmark": "decode", "setting": setting, "tokens_per_s": round(new_tokens / seconds, 1)}
+    tokens = [int(t) for t in generate(model, prompt, new_tokens, temperature=0)]  # int() waits for the device
+    return tokens, time.perf_counter() - start
 
 
 def greedy_without_cache(model: GPT, ids: torch.Tensor, new_tokens: int) -> list[int]:
@@ -85,44 +133,124 @@ def greedy_without_cache(model: GPT, ids: torch.Tensor, new_tokens: int) -> list
     return ids[0, -new_tokens:].tolist()
 
 
-def transformers_decode(hf_python: str, model: GPT, prompt: torch.Tensor, new_tokens: int) -> dict:
-    """Run HF_SCRIPT in the venv of hf_python on model's weights, exported in the Hub's layout."""
-    with tempfile.TemporaryDirectory() as folder:
-        export_hf(model, folder)
-        out = subprocess.run([hf_python, "-c", HF_SCRIPT, folder, json.dumps(prompt[0].tolist()), str(new_tokens),
-                              str(torch.get_num_threads())], capture_output=True, text=True)
+@torch.inference_mode()
+def top1_agreement(model: GPT, prompt: torch.Tensor, reference: list[int]) -> float:
+    """The share of reference's tokens that model's greedy choice equals, each given the prompt and
+    reference's tokens before it (teacher forcing)."""
+    ids = torch.cat([prompt, torch.tensor([reference[:-1]])], dim=1)
+    logits, _ = model(ids)  # (1, T, V)
+    choices = logits[0, prompt.size(1) - 1:].argmax(-1)  # the predictions of reference[0], reference[1], ...
+    return (choices == torch.tensor(reference)).float().mean().item()
+
+
+def measure_variant(spec: dict, peak_rss) -> dict:
+    """Run in a fresh process (WORKER): load, decode, measure. spec: folder, variant, prompt, new_tokens,
+    threads, and float32's tokens as "reference" (none for float32 itself)."""
+    torch.set_num_threads(spec["threads"])
+    dtype_name, quantize, compile_model, cached = VARIANTS[spec["variant"]]
+    import_rss = peak_rss()
+    model, _ = load_for_generation(spec["folder"], dtype=DTYPES[dtype_name], quantize=quantize)
+    model.eval()
+    prompt, n = torch.tensor([spec["prompt"]]), spec["new_tokens"]
+    if not cached:
+        start = time.perf_counter()
+        tokens = greedy_without_cache(model, prompt, n)
+        seconds = time.perf_counter() - start
+    elif compile_model:
+        with torch._inductor.config.patch(freezing=True):  # as generate.py --compile does on a CPU
+            tokens, seconds = timed_decode(torch.compile(model), prompt, n, warmup=n)
+    else:
+        tokens, seconds = timed_decode(model, prompt, n, warmup=8)
+    result = {"tokens": tokens, "seconds": seconds, "weights_bytes": tensor_bytes(model), "import_rss": import_rss,
+              "peak_rss": peak_rss()}
+    if spec.get("reference"):
+        result["top1_agree"] = top1_agreement(model, prompt, spec["reference"][:AGREEMENT_TOKENS])
+    return result
+
+
+def run_in_process_of_its_own(script: list[str], what: str) -> dict:
+    out = subprocess.run(script, capture_output=True, text=True)
     if out.returncode != 0:
         last = (out.stderr.strip().splitlines() or ["no output"])[-1]
-        raise UserError(f"the transformers run with {hf_python} failed: {last}")
+        raise UserError(f"the {what} run failed: {last}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def same_first(tokens: list[int], reference: list[int]) -> str:
+    """How many of reference's first AGREEMENT_TOKENS tokens `tokens` repeats before the first difference."""
+    n = min(AGREEMENT_TOKENS, len(reference))
+    same = next((i for i, (a, b) in enumerate(zip(tokens[:n], reference[:n])) if a != b), n)
+    return f"{same}/{n}"
+
+
+def megabytes(n: int) -> int:
+    return round(n / 2**20)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The CPU run
+
 def run_generate(args: argparse.Namespace) -> list[dict]:
-    model = random_gpt2()
-    n = args.decode_new_tokens
-    prompt = torch.randint(0, 50257, (1, args.decode_prompt_tokens), generator=torch.Generator().manual_seed(0))
-    setting = f"GPT-2 124M fp32 CPU ({torch.get_num_threads()} threads), batch 1, prompt {prompt.size(1)}, {n} new"
-    ours, cached = decode_row(model, prompt, n, f"{setting}: KV cache (ours)")
-    with torch._inductor.config.patch(freezing=True):  # as generate.py --compile does on a CPU
-        compiled_tokens, compiled = decode_row(torch.compile(model), prompt, n,
-                                               f"{setting}: KV cache, --compile: frozen weights (ours)")
-    compiled["same_tokens"] = compiled_tokens == ours
-    start = time.perf_counter()
-    plain = greedy_without_cache(model, prompt, n)
-    recompute = {"benchmark": "decode", "setting": f"{setting}: recompute every step (ours)",
-                 "tokens_per_s": round(n / (time.perf_counter() - start), 1), "same_tokens": plain == ours}
-    cached["note"] = f"{cached['tokens_per_s'] / recompute['tokens_per_s']:.1f}x recompute (target >= 3x)"
-    rows = [cached, compiled, recompute]
-    if args.hf_python:
-        hf = transformers_decode(args.hf_python, model, prompt, n)
-        hf_tokens_per_s = n / hf["seconds"]
-        rows.append({"benchmark": "decode", "setting": f"{setting}: transformers GPT2LMHeadModel.generate "
-                     f"({hf['attn_implementation']} attention)", "tokens_per_s": round(hf_tokens_per_s, 1),
-                     "same_tokens": hf["tokens"] == ours})
-        for row in (cached, compiled):
-            vs = f"{row['tokens_per_s'] / hf_tokens_per_s:.2f}x transformers (target >= 1x)"
-            row["note"] = f"{row['note']}, {vs}" if "note" in row else vs
+    n, threads = args.decode_new_tokens, torch.get_num_threads()
+    config = get_config(args.decode_preset)
+    prompt = torch.randint(0, config.vocab_size, (1, args.decode_prompt_tokens),
+                           generator=torch.Generator().manual_seed(0))[0].tolist()
+    with torch.device("meta"):
+        parameters = GPT(config).num_params()
+    setting = (f"{args.decode_preset} ({parameters / 1e6:.0f}M, random weights), CPU ({threads} threads), batch 1, "
+               f"prompt {len(prompt)}, {n} new, greedy")
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        torch.manual_seed(0)
+        export_hf(GPT(config), folder)
+        results = {}
+        for variant in ["float32"] + [v for v in args.decode_variants if v != "float32"]:
+            spec = {"folder": folder, "variant": variant, "prompt": prompt, "new_tokens": n, "threads": threads,
+                    "reference": results["float32"]["tokens"] if results else None}
+            results[variant] = run_in_process_of_its_own([sys.executable, "-c", WORKER, json.dumps(spec)], variant)
+        if args.hf_python:
+            results["transformers"] = run_in_process_of_its_own(
+                [args.hf_python, "-c", HF_SCRIPT, folder, json.dumps(prompt), str(n), str(threads)], "transformers")
+    reference = results["float32"]["tokens"]
+    per_second = {name: n / r["seconds"] for name, r in results.items()}
+    for name, r in results.items():
+        label = (f"transformers GPT2LMHeadModel.generate, float32 ({r['attn_implementation']} attention)"
+                 if name == "transformers" else f"ours, {LABELS[name]}")
+        row = {"benchmark": "decode", "setting": f"{setting}: {label}", "tokens_per_s": round(per_second[name], 1),
+               "vs_float32": f"{per_second[name] / per_second['float32']:.2f}x",
+               "weights_MB": megabytes(r["weights_bytes"]) if "weights_bytes" in r else "",
+               "peak_RSS_MB": f"{megabytes(r['peak_rss'])} (import {megabytes(r['import_rss'])})",
+               "same_first": same_first(r["tokens"], reference),
+               "top1_agree": f"{r['top1_agree']:.1%}" if "top1_agree" in r else ""}
+        notes = []
+        if name.startswith("int8"):
+            notes.append("target >= 2x float32")
+        if name == "float32" and "recompute" in results:
+            notes.append(f"{per_second['float32'] / per_second['recompute']:.1f}x recompute (target >= 3x)")
+        if name in ("float32", "float32-compile") and "transformers" in results:
+            notes.append(f"{per_second[name] / per_second['transformers']:.2f}x transformers (target >= 1x)")
+        if notes:
+            row["note"] = "; ".join(notes)
+        rows.append(row)
     return rows
+
+
+# ---------------------------------------------------------------------------------------------------
+# The GPU run
+
+def random_gpt2(device: str = "cpu", dtype: torch.dtype = torch.float32) -> GPT:
+    torch.manual_seed(0)
+    with torch.device(device):
+        return GPT(get_config("gpt2")).to(dtype).eval()
+
+
+def decode_row(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int, setting: str) -> tuple[list[int], dict]:
+    """Time generate() (greedy, KV cache) after a warm-up run of the same length, which also triggers
+    any compilation; the row has tokens/s and the peak memory CUDA allocated."""
+    torch.cuda.reset_peak_memory_stats()
+    tokens, seconds = timed_decode(model, prompt, new_tokens, warmup=new_tokens)
+    return tokens, {"benchmark": "decode", "setting": setting, "tokens_per_s": round(new_tokens / seconds, 1),
+                    "peak_allocated_MB": megabytes(torch.cuda.max_memory_allocated())}
 
 
 def run_gpu(args: argparse.Namespace) -> list[dict]:
