@@ -227,27 +227,36 @@ class Int8Embedding(nn.Module):
 
 
 @torch.no_grad()
-def quantize_int8(model: GPT) -> GPT:
+def quantize_int8(model: GPT, quantized: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> GPT:
     """Store every matrix of a model in int8, in place: each nn.Linear (the blocks' and the LM head)
     becomes an Int8Linear, and the token embedding an Int8Embedding (the head's own table when tied).
 
-    The norms, the biases and a learned position table stay in floating point: GPT-2 124M keeps 0.9 M
-    of its 124 M weights so. Each float matrix is dropped as soon as its int8 form exists, so memory
-    peaks at the float model plus one int8 matrix. Quantise the model where it will run: moving it
-    afterwards would copy a tied table twice."""
+    quantized: {weight name: (int8, scales)} already made while loading (see load_for_generation);
+    those weights are taken as they are (the model holds meta tensors in their place), the others
+    are quantised here. The norms, the biases and a learned position table stay in floating point:
+    GPT-2 124M keeps 0.9 M of its 124 M weights so. Each float matrix is dropped as soon as its int8
+    form exists, so memory peaks at the float model plus one int8 matrix. Quantise the model where it
+    will run: moving it afterwards would copy a tied table twice."""
+    quantized = dict(quantized or {})
     tied = model.tied
-    # The parents of the Linears, not the Linears themselves: a list holding those would keep every
-    # float matrix alive until the end.
-    parents = [m for m in model.modules() if any(type(c) is nn.Linear for c in m.children())]
-    for module in parents:
+    if tied and "transformer.wte.weight" in quantized:
+        quantized["lm_head.weight"] = quantized["transformer.wte.weight"]  # one table, as one float matrix
+    # The names of the Linears' parents, not the Linears themselves: a list holding those would keep
+    # every float matrix alive until the end.
+    parents = [name for name, m in model.named_modules() if any(type(c) is nn.Linear for c in m.children())]
+    for parent_name in parents:
+        module = model.get_submodule(parent_name)
         for name in [name for name, child in module.named_children() if type(child) is nn.Linear]:
             # exactly nn.Linear: a LoRALinear would lose its adapters
-            setattr(module, name, Int8Linear.from_linear(getattr(module, name)))
+            linear, key = getattr(module, name), f"{parent_name}.{name}.weight".removeprefix(".")
+            int8 = quantized.get(key) or quantize_rows(linear.weight.detach())
+            setattr(module, name, Int8Linear(*int8, linear.bias))
     if tied:
         head = model.lm_head
         model.transformer.wte = Int8Embedding(head.weight, head.scales)
     else:
-        model.transformer.wte = Int8Embedding(*quantize_rows(model.transformer.wte.weight.detach()))
+        wte = quantized.get("transformer.wte.weight") or quantize_rows(model.transformer.wte.weight.detach())
+        model.transformer.wte = Int8Embedding(*wte)
     return model
 
 
@@ -261,15 +270,26 @@ def load_for_generation(init: str, *, preset: str | None = None, device: torch.d
                         dtype: torch.dtype = torch.float32, quantize: str | None = None) -> tuple[GPT, dict]:
     """load_model, in int8 when quantize == "int8": the model to generate with, and its extra (the card).
 
-    For int8 the weights are read in bfloat16, which halves the memory the load peaks at next to
-    float32 (7B: 14.5 GB, and then 7.5 GB once quantised). bfloat16 is the Hub's dtype for every
-    family but GPT-2, whose float32 weights move by at most 2^-9 of themselves, well inside an int8
-    step. Then each matrix turns int8, and what stays in floating point takes `dtype`."""
+    For int8, Hub-layout weights are quantised one matrix at a time as they arrive from the file
+    (load_model's `loaded` hook), so the whole model never exists in floating point: a 7B model loads
+    in about its int8 size (7.5 GB) rather than its bfloat16 size (14.5 GB). They are read in
+    bfloat16, the Hub's dtype for every family but GPT-2, whose float32 weights move by at most 2^-9
+    of themselves, well inside an int8 step. Our checkpoints and random models are quantised whole
+    after loading. What stays in floating point takes `dtype`."""
     if quantize not in (None, "int8"):
         raise ValueError(f"unknown quantisation {quantize!r}; the one offered is int8")
-    model, extra = load_model(init, preset=preset, device=device, dtype=torch.bfloat16 if quantize else dtype)
-    if quantize == "int8":
-        quantize_int8(model).to(dtype)
+    if quantize is None:
+        return load_model(init, preset=preset, device=device, dtype=dtype)
+    quantized: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def to_int8(name: str, tensor: torch.Tensor, module: nn.Module) -> torch.Tensor:
+        if type(module) is nn.Linear and name.endswith(".weight") or name == "transformer.wte.weight":
+            quantized[name] = quantize_rows(tensor)
+            return torch.empty_like(tensor, device="meta")  # the float matrix is freed here
+        return tensor
+
+    model, extra = load_model(init, preset=preset, device=device, dtype=torch.bfloat16, loaded=to_int8)
+    quantize_int8(model, quantized).to(dtype)
     return model, extra
 
 

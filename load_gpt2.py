@@ -28,6 +28,8 @@ import shutil
 import struct
 import sys
 import time
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -580,17 +582,28 @@ def _copy_rows(file: SafetensorsFile, name: str, target: torch.Tensor, placement
 
 
 def load_weights(files: list[Path], model_type: str, config: GPTConfig, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32) -> GPT:
+                 dtype: torch.dtype = torch.float32, loaded: Callable | None = None) -> GPT:
     """Load Hub-layout safetensors files of family model_type into a GPT(config), tensor by tensor.
 
     The model is built on the meta device (shapes, no memory, no random init); each of our tensors is
     allocated in the asked dtype on the asked device when the first Hub tensor placed in it arrives,
     and filled straight from the memory-mapped files: peak memory is the model plus COPY_CHUNK_BYTES.
-    BF16, F16 and F32 files all load into any of the three dtypes."""
+    BF16, F16 and F32 files all load into any of the three dtypes.
+
+    loaded(name, tensor, module) -> tensor, when given, sees each of our tensors as soon as it is
+    complete, with the module that owns it, and returns what the model keeps in its place: a stage
+    that stores weights otherwise (generate.py's int8) keeps its own form and returns a meta tensor,
+    so the whole model never exists in the loading dtype."""
     model = meta_model(config)
     tied = model.tied
     table = hub_tensors(model_type, model)
     our_shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    pieces = Counter(our_name for our_name, *_ in table.values())  # Hub tensors placed in each of ours
+    owners = {name: model.get_submodule(name.rpartition(".")[0]) for name in pieces}
+
+    def complete(name: str) -> None:
+        if loaded is not None:
+            state[name] = loaded(name, state[name], owners[name])
     where = files[0].parent if len(files) > 1 else files[0]
     state: dict[str, torch.Tensor] = {}
     seen, unexpected, tied_head = set(), [], None
@@ -617,6 +630,9 @@ def load_weights(files: list[Path], model_type: str, config: GPTConfig, device: 
                 state[our_name] = torch.empty(our_shapes[our_name], dtype=dtype, device=device)
             _copy_rows(file, file_name, state[our_name], placement, rows)
             seen.add(name)
+            pieces[our_name] -= 1
+            if pieces[our_name] == 0 and not (tied and our_name == "transformer.wte.weight"):
+                complete(our_name)  # a tied embedding waits for the check against a stored head below
     missing = [name for name in table if name not in seen]
     if missing or unexpected:
         problems = [f"{len(names)} {what} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
@@ -633,6 +649,7 @@ def load_weights(files: list[Path], model_type: str, config: GPTConfig, device: 
                             "config ties the two")
         file.release(file_name)
     if tied:
+        complete("transformer.wte.weight")
         state["lm_head.weight"] = state["transformer.wte.weight"]
     model.load_state_dict(state, assign=True)  # assign: keep our tensors instead of copying into meta ones
     if tied:
@@ -675,8 +692,9 @@ def _is_gpt2_bpe(folder: Path) -> bool:
 
 
 def load_pretrained(name_or_path: str | Path, device: torch.device | str = "cpu",
-                    dtype: torch.dtype = torch.float32) -> tuple[GPT, dict]:
-    """Hub-layout weights as our GPT, with its card {"model_type", "tokenizer"} (see load_model).
+                    dtype: torch.dtype = torch.float32, loaded: Callable | None = None) -> tuple[GPT, dict]:
+    """Hub-layout weights as our GPT, with its card {"model_type", "tokenizer"} (see load_model;
+    `loaded` as in load_weights).
 
     name_or_path: a GPT-2 name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a Hub repo id, downloaded
     once into the cache; a local folder (config.json + model.safetensors or shards); or a local
@@ -701,7 +719,7 @@ def load_pretrained(name_or_path: str | Path, device: torch.device | str = "cpu"
         model_type, config = config_from_hf(config_path)
     else:
         model_type, config = "gpt2", config_from_shapes(SafetensorsFile(files[0]))
-    model = load_weights(files, model_type, config, device, dtype)
+    model = load_weights(files, model_type, config, device, dtype, loaded)
     if name in GPT2_REPOS:
         tokenizer = "gpt2"
     elif not path.exists():
@@ -891,7 +909,7 @@ PRESET_CARDS = {
 
 
 def load_model(init: str, *, preset: str | None = None, device: torch.device | str = "cpu",
-               dtype: torch.dtype = torch.float32) -> tuple[GPT, dict]:
+               dtype: torch.dtype = torch.float32, loaded: Callable | None = None) -> tuple[GPT, dict]:
     """The model a stage starts from, and what else is known about it.
 
     init: "random" (a fresh GPT of `preset`, which is then required), a GPT-2 name, a Hugging Face
@@ -902,7 +920,9 @@ def load_model(init: str, *, preset: str | None = None, device: torch.device | s
 
     The dict holds a checkpoint's extra entries, and always the model's card (see model_card):
     "model_type", the Hub's name of its family, and "tokenizer", where its tokenizer comes from
-    ("gpt2"; "hf/<repo>" or "hf/<repo>/<file>" in the download cache; or a local folder or file)."""
+    ("gpt2"; "hf/<repo>" or "hf/<repo>/<file>" in the download cache; or a local folder or file).
+
+    loaded: see load_weights; only Hub-layout weights are loaded tensor by tensor and call it."""
     if init == "random":
         if preset is None:
             raise UserError(f"a random model needs a preset: one of {', '.join(PRESETS)}")
@@ -922,7 +942,7 @@ def load_model(init: str, *, preset: str | None = None, device: torch.device | s
             raise UserError(str(e)) from None
         # checkpoints written before cards existed are GPT-2's
         return model.to(dtype), {"model_type": "gpt2", "tokenizer": "gpt2", **extra}
-    return load_pretrained(init, device, dtype)
+    return load_pretrained(init, device, dtype, loaded)
 
 
 def model_card(extra: dict) -> dict:

@@ -2366,15 +2366,27 @@ def train_command(args: argparse.Namespace) -> dict:
 
 def prepare_command(args: argparse.Namespace) -> dict:
     corpus_files(args.input)  # a missing input is reported before anything is created
-    tok = load_tokenizer(args.tokenizer) if args.tokenizer else None
+    tok = load_tokenizer(named_tokenizer(args.tokenizer)) if args.tokenizer else None
+    # meta.json names the tokenizer as model cards do: a path, or its place in the download cache
+    tokenizer_name = NAMED_TOKENIZERS.get(args.tokenizer) or (str(Path(args.tokenizer).resolve()) if args.tokenizer
+                                                               else "gpt2")
     out = writable_folder(args.out, "--out")
     if not args.force and any((out / name).exists() for name in ("train.bin", "val.bin", "meta.json")):
         raise UserError(f"{out} already holds prepared tokens; use --force to replace them, or choose another --out")
-    result = prepare_corpus(args.input, out, tokenizer=tok, tokenizer_name=args.tokenizer or "gpt2",
+    result = prepare_corpus(args.input, out, tokenizer=tok, tokenizer_name=tokenizer_name,
                             val_fraction=args.val_fraction, errors=args.errors, num_threads=args.threads)
     print(f"{result['train_tokens']:,} train and {result['val_tokens']:,} val tokens ({result['dtype']}) from "
           f"{len(result['sources'])} file(s) in {result['seconds']:.2f} s ({result['mb_per_s']:.1f} MB/s); wrote {out}")
     return result
+
+
+# tokenizers the command line knows by name, each downloaded once into the cache
+NAMED_TOKENIZERS = {"mistral": f"hf/{MISTRAL_REPO}/tokenizer.model"}
+
+
+def named_tokenizer(name_or_path: str) -> Path:
+    """--tokenizer's value: a path, or a name of NAMED_TOKENIZERS (fetched once)."""
+    return fetch(NAMED_TOKENIZERS[name_or_path]) if name_or_path in NAMED_TOKENIZERS else Path(name_or_path)
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -2383,7 +2395,7 @@ def main(args: argparse.Namespace) -> dict:
     if args.command == "train":
         return train_command(args)
     if args.tokenizer is not None:
-        return show_tokenizer(load_tokenizer(args.tokenizer), args.text, args.special)
+        return show_tokenizer(load_tokenizer(named_tokenizer(args.tokenizer)), args.text, args.special)
     return show_encodings(args.text, args.special)
 
 
@@ -2401,7 +2413,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     encode = commands.add_parser("encode", help="ids and pieces of TEXT (GPT-2's two backends, or --tokenizer)")
     encode.add_argument("text", help="text to encode")
     encode.add_argument("--tokenizer", default=None,
-                        help="a tokenizer.model, tokenizer.json or model folder (default: GPT-2, both backends)")
+                        help="a tokenizer.model, tokenizer.json or model folder, or 'mistral' (Mistral 7B's, "
+                             "downloaded once; needs HF_TOKEN) (default: GPT-2, both backends)")
     encode.add_argument("--special", action=argparse.BooleanOptionalAction, default=True,
                         help="encode special-token text such as <|endoftext|> or <s> as its special id "
                              "(--no-special: as plain text)")
@@ -2410,7 +2423,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     prepare.add_argument("input", help="a text file, a folder of text files, or a glob")
     prepare.add_argument("--out", type=Path, default=Path("out/tokens"), help="output folder")
     prepare.add_argument("--tokenizer", default=None,
-                         help="a tokenizer.model, tokenizer.json or model folder (default: GPT-2 through tiktoken)")
+                         help="a tokenizer.model, tokenizer.json or model folder, or 'mistral' (default: GPT-2 "
+                              "through tiktoken)")
     prepare.add_argument("--val-fraction", type=unit_interval, default=0.1,
                          help="last fraction of tokens kept for validation")
     prepare.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1,

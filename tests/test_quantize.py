@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import generate as G
+import load_gpt2
 import model as M
 from conftest import REPO
 from load_gpt2 import export_hf
@@ -190,6 +191,21 @@ def test_loading_for_int8_reads_bfloat16_and_quantises(tmp_path):
     ids = sample_ids(fp32)
     want, got = logits(fp32, ids), logits(int8, ids)
     assert (got - want).abs().mean() <= 0.02 * want.std()
+
+
+@pytest.mark.parametrize("preset", ["tiny", "llama-tiny", "phi-2-tiny"])  # a position table; a tied head; biases
+def test_quantising_as_weights_arrive_equals_quantising_the_loaded_model(tmp_path, preset):
+    """load_for_generation quantises each matrix as it leaves the file (the float model never exists
+    whole): the same int8 weights as loading in bfloat16 and quantising afterwards."""
+    model = random_model(preset)
+    export_hf(model, tmp_path / "hf", {"model_type": load_gpt2.PRESET_CARDS[preset][0],
+                                       "tokenizer": str(tmp_path / "no-tokenizer")})
+    streamed, _ = G.load_for_generation(str(tmp_path / "hf"), quantize="int8")
+    whole = G.quantize_int8(load_gpt2.load_model(str(tmp_path / "hf"), dtype=torch.bfloat16)[0]).float()
+    assert not any(t.is_meta for t in (*streamed.parameters(), *streamed.buffers()))
+    assert streamed.tied == whole.tied and (streamed.transformer.wte.weight is streamed.lm_head.weight) == whole.tied
+    for (name, a), (_, b) in zip(streamed.state_dict().items(), whole.state_dict().items()):
+        assert torch.equal(a, b), name
 
 
 # ---- the command line ------------------------------------------------------------------------------
