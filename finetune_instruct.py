@@ -43,7 +43,7 @@ import pretrain
 from generate import TextStream, generate, left_pad
 from load_gpt2 import add_init_args, load_model, model_card, tokenizer_for
 from model import GPT, add_device_args, add_lora, autocast, device_and_dtype, merge_lora, save_checkpoint
-from tokenizer import (ArgumentParser, DownloadError, RunLock, UserError, atomic_write, bos, fetch,
+from tokenizer import (ArgumentParser, DownloadError, RunLock, UserError, atomic_write, bos, clock, fetch,
                        non_negative_float, non_negative_int, positive_float, positive_int, run_stage,
                        writable_folder)
 
@@ -277,11 +277,6 @@ def evaluate_loss(model: GPT, examples: Sequence[Example], batch_size: int, pad_
                 loss, n = target_loss(model, inputs.to(device), targets.to(device))
             total, count = total + loss.item() * n, count + n
     return total / count if count else math.nan
-
-
-def clock(seconds: float) -> str:
-    s = round(seconds)
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
 def fit(model: GPT, splits: dict[str, list[Example]], args: argparse.Namespace, pad_id: int,

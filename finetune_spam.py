@@ -35,7 +35,7 @@ from load_gpt2 import add_init_args, load_model, model_card, tokenizer_for
 from model import (GPT, add_device_args, add_lora, autocast, device_and_dtype,
                    merge_lora, save_checkpoint)
 from tokenizer import (SMS_SPAM_SHA256, ArgumentParser, DownloadError, RunLock, UserError, atomic_write, bos, cache_dir,
-                       fetch, positive_float, positive_int, non_negative_float, run_stage, writable_folder)
+                       clock, fetch, non_negative_float, positive_float, positive_int, run_stage, writable_folder)
 
 LABELS = ("ham", "spam")  # class index = position: 0 ham, 1 spam (the positive class)
 SMS_MEMBER = "SMSSpamCollection"  # the one member we take from the UCI zip
@@ -395,7 +395,7 @@ def fit(model: GPT, splits: dict[str, Split], start: int, args: argparse.Namespa
                     mean_loss = sum(interval_losses) / len(interval_losses)
                     print(f"epoch {epoch}/{args.epochs} step {step:5d}/{total_steps} | loss {mean_loss:.4f} "
                           f"| val loss {val_loss:.4f} | {ms:6.1f} ms/step | {1000 * args.batch_size / ms:6.1f} msg/s "
-                          f"| eta {eta // 60:.0f}m{eta % 60:02.0f}s")
+                          f"| eta {clock(eta)}")
                     t_interval, interval_losses = time.perf_counter(), []
             train_probs, train_loss = evaluate(model, train, start, args.batch_size, device, dtype)
             val_probs, val_loss = evaluate(model, splits["val"], start, args.batch_size, device, dtype)

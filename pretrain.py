@@ -55,8 +55,9 @@ from generate import sample_next
 from load_gpt2 import add_init_args, load_model, model_card, tokenizer_for
 from model import (DTYPES, GPT, GPTConfig, add_device_args, autocast, checkpoint_kind, get_config, load_checkpoint,
                    resolve_device, resolve_dtype, save_checkpoint)
-from tokenizer import (ArgumentParser, RunLock, UserError, atomic_write, bos, non_negative_float, non_negative_int,
-                       positive_float, positive_int, run_stage, sample_windows, unit_interval, writable_folder)
+from tokenizer import (ArgumentParser, RunLock, UserError, atomic_write, bos, clock, non_negative_float,
+                       non_negative_int, positive_float, positive_int, run_stage, sample_windows, unit_interval,
+                       writable_folder)
 
 STRATEGIES = ("ddp", "fsdp")
 
@@ -465,8 +466,7 @@ def _duration(seconds: float | None) -> str:
         return "-"
     if seconds < 1:
         return f"{seconds * 1000:.3g} ms"
-    s = round(seconds)
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 60 else f"{seconds:.1f} s"
+    return clock(seconds) if seconds >= 59.5 else f"{seconds:.1f} s"
 
 
 def format_plan(plan: dict) -> str:
@@ -916,8 +916,7 @@ def progress_line(step: int, max_steps: int, record: dict) -> str:
             line += f" | mfu {100 * record['mfu']:5.1f}%"
         if record.get("peak_memory") is not None:
             line += f" | mem {record['peak_memory'] / 1e9:6.2f} GB"
-        eta = round((max_steps - step) * record["ms_per_step"] / 1000)
-        line += f" | eta {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}"
+        line += f" | eta {clock((max_steps - step) * record['ms_per_step'] / 1000)}"
     return line + f" | val {record['val_loss']:7.4f} ppl {record['val_ppl']:9.2f}"
 
 

@@ -85,6 +85,12 @@ non_negative_float = _number_flag(float, lambda v: v >= 0, "a finite number of a
 unit_interval = _number_flag(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 
+def clock(seconds: float) -> str:
+    """A duration as h:mm:ss, for progress lines' ETAs and run times."""
+    s = round(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
 def describe_os_error(e: OSError) -> str:
     """An OSError as a short phrase that names the file: 'out/x: Permission denied'."""
     where = f"{e.filename}: " if e.filename else ""
