@@ -5,8 +5,9 @@ Each case is (script, arguments); {out} is a run folder that already holds a fin
 (its contents are compared before and after), {tmp} a scratch folder, {file} a regular file, {empty}
 a zero-byte file, {junk} a file of random bytes, {st} a safetensors file, {odd} a token folder whose
 train.bin has an odd size, {short} one whose train.bin is shorter than its meta.json says, {badmeta}
-one whose meta.json is not JSON. Cases the project cannot reach on this machine (a download) are not here:
-they are tested where the download code is.
+one whose meta.json is not JSON, {badinstruct} instruction data with an entry that has no output.
+Cases the project cannot reach on this machine (a download) are not here: they are tested where the
+download code is.
 """
 import json
 import os
@@ -66,6 +67,20 @@ CASES = [
     ("tokenizer.py", "prepare {file} --threads 0"), ("tokenizer.py", "train {file} --out {file}/sub/v.json"),
     ("tokenizer.py", "train {file} --vocab-size 10 --out {tmp}/v.json"), ("tokenizer.py", "train {junk} --out {tmp}/v2.json"),
     ("tokenizer.py", "encode"),
+    # finetune_instruct.py
+    ("finetune_instruct.py", "--lr nan"), ("finetune_instruct.py", "--epochs -1"),
+    ("finetune_instruct.py", "--init random --preset tiny --data {badinstruct} --out-dir {tmp}/i1"),
+    ("finetune_instruct.py", "--init random --preset tiny --data {junk} --out-dir {tmp}/i2"),
+    ("finetune_instruct.py", "--init random --preset tiny --data {tmp}/none.json --out-dir {tmp}/i3"),
+    ("finetune_instruct.py", "--ask hi --checkpoint {tmp}/missing.pt"),
+    ("finetune_instruct.py", "--ask hi --checkpoint {junk}"),
+    ("finetune_instruct.py", "--ask -"),  # stdin holds nothing
+    # evaluate.py
+    ("evaluate.py", "perplexity --init {empty}"), ("evaluate.py", "perplexity --init {junk}"),
+    ("evaluate.py", "perplexity --init random --preset tiny --data {tmp}/missing.txt"),
+    ("evaluate.py", "choice --init random --preset tiny --data {junk}"),
+    ("evaluate.py", "contamination --eval {tmp}/none.json --corpus {file}"),
+    ("evaluate.py", "answers {junk}"), ("evaluate.py", "answers {tmp}/none.json"),
 ]
 
 
@@ -76,6 +91,7 @@ def places(tmp_path_factory) -> dict[str, str]:
     (root / "file").write_text("a small text file\n" * 50)
     (root / "empty").write_bytes(b"")
     (root / "junk").write_bytes(np.random.default_rng(0).bytes(4096))
+    (root / "bad.json").write_text('[{"instruction": "a"}]')  # instruction data without an output
     import load_gpt2
     load_gpt2.write_safetensors({"w": torch.zeros(2, 2)}, root / "st.safetensors")
     # a run folder with a finished pretraining run, a spam classifier and an exported model in it
@@ -98,7 +114,7 @@ def places(tmp_path_factory) -> dict[str, str]:
         (folder / "meta.json").write_text("{not json" if claim is None else json.dumps(meta))
     names = {"tmp": root / "tmp", "file": root / "file", "empty": root / "empty", "junk": root / "junk",
              "st": root / "st.safetensors", "out": out, "odd": root / "odd", "short": root / "short",
-             "badmeta": root / "badmeta"}
+             "badmeta": root / "badmeta", "badinstruct": root / "bad.json"}
     return {key: str(path) for key, path in names.items()}
 
 
@@ -151,7 +167,9 @@ def test_bad_input_is_one_sentence(places, script, arguments, capsys, monkeypatc
 
 @pytest.mark.parametrize("script, arguments", [("pretrain.py", "--lr nan"), ("generate.py", "--init {empty}"),
                                                ("finetune_spam.py", "--checkpoint {junk} --predict hi"),
-                                               ("load_gpt2.py", "--init {junk}"), ("tokenizer.py", "encode")])
+                                               ("load_gpt2.py", "--init {junk}"), ("tokenizer.py", "encode"),
+                                               ("finetune_instruct.py", "--ask -"),
+                                               ("evaluate.py", "answers {junk}")])
 def test_bad_input_on_the_real_command_line(places, script, arguments):
     """A few of the cases above as a user meets them: a fresh Python process, a real exit code."""
     import shlex

@@ -383,20 +383,7 @@ def test_a_whole_run_in_a_subprocess(tmp_path, data_file):
     assert "reference:" in result.stdout and "model:" in result.stdout  # the examples, side by side
 
 
-def test_mistakes_in_a_subprocess_are_one_line_on_stderr_and_exit_1(tmp_path, data_file):
-    (tmp_path / "bad.json").write_text('[{"instruction": "a"}]')
-    tiny = ["--init", "random", "--preset", "tiny", "--out-dir", str(tmp_path / "o")]
-    cases = [
-        ["--lr", "nan"],
-        [*tiny, "--data", str(tmp_path / "bad.json")],
-        [*tiny, "--data", str(tmp_path / "none.json")],
-        ["--ask", "Name a color.", "--checkpoint", str(tmp_path / "missing.pt")],
-        ["--ask", "-"],  # stdin holds nothing
-    ]
-    for flags in cases:
-        result = run_script(*flags)
-        lines = result.stderr.strip().splitlines()
-        assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), (flags, result.stderr)
+# Mistakes on the command line (bad flags, data and checkpoints, empty stdin): tests/test_cli_errors.py
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from model import LoRALinear, load_checkpoint
 from tokenizer import DownloadError, UserError, get_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.needs_files("gpt2/encoder.json", "gpt2/vocab.bpe", "sms_spam/SMSSpamCollection")
 
 
 def synthetic_lines(n_ham: int = 90, n_spam: int = 40) -> list[str]:

@@ -19,7 +19,7 @@ import load_gpt2
 from load_gpt2 import (SafetensorsError, SafetensorsFile, export_hf, load_gpt2 as load, load_model,
                        read_safetensors, write_safetensors)
 from model import GPTConfig, get_config, save_checkpoint
-from tokenizer import UserError
+from tokenizer import UserError, run_stage
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURE = REPO / "tests" / "fixtures" / "hf_tiny_gpt2"
@@ -612,11 +612,19 @@ def test_a_safetensors_file_as_a_checkpoint_never_says_pip_install(tmp_path):
 
 
 def test_cli_export_needs_force_to_replace_a_model(tmp_path):
+    """The script's own entry point in this process (the command line's exit and message handling is
+    tested in a fresh process in test_cli_errors.py)."""
+    def run(*argv: str) -> int | str:
+        try:
+            run_stage(load_gpt2.main, lambda: load_gpt2.parse_args(list(argv)))
+            return 0
+        except SystemExit as e:
+            return e.code  # exit status, or the message sys.exit prints before exiting 1
     args = ["--init", "random", "--preset", "phi-2-tiny", "--device", "cpu", "--export", str(tmp_path / "hf")]
-    assert run_cli(*args).returncode == 0
+    assert run(*args) == 0
     before = (tmp_path / "hf" / "model.safetensors").read_bytes()
-    again = run_cli(*args)
-    assert again.returncode == 1 and "already holds a model" in again.stderr and "--force" in again.stderr
+    message = run(*args)
+    assert message.startswith("error: ") and "already holds a model" in message and "--force" in message
     assert (tmp_path / "hf" / "model.safetensors").read_bytes() == before
-    assert run_cli(*args, "--force").returncode == 0
+    assert run(*args, "--force") == 0
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == ["PhiForCausalLM"]

@@ -12,6 +12,7 @@ import pretrain
 from model import GPT, get_config
 
 REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.needs_files("gpt2/encoder.json", "gpt2/vocab.bpe", "text/the-verdict.txt")
 FAMILIES = ["tiny", "mistral-tiny", "llama-tiny", "phi-2-tiny", "phi-3-tiny"]
 
 

@@ -21,6 +21,9 @@ from load_gpt2 import export_hf, load_model
 from model import GPT, get_config, load_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
+# the scripts run in subprocesses too, where a missing file cannot become a skip
+pytestmark = pytest.mark.needs_files("gpt2/encoder.json", "gpt2/vocab.bpe", "text/the-verdict.txt",
+                                     "text/tinyshakespeare.txt")
 
 
 @pytest.fixture(scope="module")
