@@ -135,7 +135,7 @@ class TextStream:
 # and multiplied by activations that stay in floating point. Decoding a token reads every weight
 # once and does two flops with it, so fewer bytes per weight is fewer milliseconds per token.
 
-def quantize_rows(weight: torch.Tensor, chunk_rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows(weight: torch.Tensor, chunk_rows: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """A float matrix (N, K) -> its int8 values (N, K) and one scale per row (N,), in weight's dtype,
     with weight ~= int8 * scale[:, None].
 

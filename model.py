@@ -220,8 +220,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        normed = F.rms_norm(x.float(), (x.size(-1),), eps=self.eps)  # PyTorch's one kernel for x / rms(x)
         return self.weight * normed.to(x.dtype)
 
 

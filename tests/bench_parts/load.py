@@ -10,8 +10,10 @@ tensor and in row chunks, so writing never holds the model:
 - A Mistral-7B-shaped checkpoint (--mistral-layers of Mistral 7B v0.1's 32; 0 skips it) in bfloat16,
   cut into shards of at most 5 GB with model.safetensors.index.json as the Hub's are, loaded in
   bfloat16 by load_gpt2 (load time and peak RSS against the model's size, target <= 1.15x), then a
-  few greedy tokens through generate() with their tokens/s. The real shape needs ~15 GB of disk and
-  of memory; a smaller --mistral-layers shows the same ratios on a laptop.
+  few greedy tokens through generate() with their tokens/s; then loaded again with int8 weights, as
+  generate.py --quantize int8 loads it (each matrix quantised as it leaves the file), and decoded the
+  same way. The real shape needs ~15 GB of disk and of memory; a smaller --mistral-layers shows the
+  same ratios on a laptop.
 
 Files are read once before each measurement so every loader finds them in the page cache: the
 loaders are timed, not the disk. Each measurement runs in a fresh subprocess; peak RSS is that
@@ -77,16 +79,21 @@ for p in model.parameters():  # read every weight once, as a forward pass would
     p.sum()
 print(json.dumps({{"seconds": seconds, "import_rss": before, "peak_rss": peak, "touched_rss": peak_rss()}}))
 """
-# Load in bfloat16, then greedy tokens: argv = folder, prompt length, new tokens.
+# Load in bfloat16 (or int8 weights, as generate.py --quantize int8 does), then greedy tokens:
+# argv = folder, prompt length, new tokens, "bfloat16" or "int8".
 OURS_DECODE = f"""
 import json, resource, sys, time
 sys.path.insert(0, {str(REPO)!r})
 import torch, load_gpt2
-from generate import generate
+from generate import generate, load_for_generation, tensor_bytes
 {PEAK_RSS}
 before = peak_rss()
 start = time.perf_counter()
-model = load_gpt2.load_gpt2(sys.argv[1], dtype=torch.bfloat16).eval()
+if sys.argv[4] == "int8":
+    model, _ = load_for_generation(sys.argv[1], dtype=torch.bfloat16, quantize="int8")
+else:
+    model = load_gpt2.load_gpt2(sys.argv[1], dtype=torch.bfloat16)
+model.eval()
 seconds = time.perf_counter() - start
 peak = peak_rss()
 prompt = torch.randint(0, model.config.vocab_size, (1, int(sys.argv[2])), generator=torch.Generator().manual_seed(0))
@@ -95,6 +102,7 @@ for token in generate(model, prompt, int(sys.argv[3]), temperature=0):
     tokens.append(int(token))
     times.append(time.perf_counter())
 print(json.dumps({{"seconds": seconds, "import_rss": before, "peak_rss": peak, "decode_rss": peak_rss(),
+                  "weights_bytes": tensor_bytes(model),
                   "first_token_s": times[1] - times[0], "later_tokens_s": times[-1] - times[1], "tokens": tokens}}))
 """
 
@@ -254,21 +262,29 @@ def gpt2_rows(args: argparse.Namespace, tmp: Path) -> list[dict]:
     return rows
 
 
-def mistral_row(args: argparse.Namespace, tmp: Path) -> dict:
+def mistral_rows(args: argparse.Namespace, tmp: Path) -> list[dict]:
+    """The bfloat16 shards loaded in bfloat16 (peak against the model's size, target <= 1.15x), then
+    with int8 weights as generate.py --quantize int8 loads them (issue 13: a 7B model in about 8 GB)."""
     folder = tmp / "mistral"
     n_params = write_random_mistral(folder, args.mistral_layers)
     file_bytes = read_through(folder)
-    model_bytes = n_params * 2
-    m = measure(sys.executable, OURS_DECODE, str(folder), "16", str(args.mistral_new_tokens))
-    n = args.mistral_new_tokens
     shards = len(list(folder.glob("*.safetensors")))
-    return {"bench": "load", "model": f"Mistral-7B-shaped, {args.mistral_layers} of 32 layers, "
-            f"{n_params / 1e9:.2f}B params, {shards} shard(s)", "loader": "ours", "dtype": "bfloat16",
-            "file_mb": round(file_bytes / 1e6), "model_mb": round(model_bytes / 1e6), "seconds": round(m["seconds"], 2),
-            **memory_columns(m, model_bytes), "peak_while_decoding_mb": round(m["decode_rss"] / 1e6),
-            "first_token_s": round(m["first_token_s"], 2),
-            "tokens_per_s": round((n - 1) / m["later_tokens_s"], 2) if n > 1 else None,
-            "note": "target peak/model <= 1.15 (the import weighs more on a small shape)"}
+    n = args.mistral_new_tokens
+    rows = []
+    for weights in ("bfloat16", "int8"):
+        m = measure(sys.executable, OURS_DECODE, str(folder), "16", str(n), weights)
+        model_bytes = n_params * 2 if weights == "bfloat16" else m["weights_bytes"]
+        rows.append({"bench": "load", "model": f"Mistral-7B-shaped, {args.mistral_layers} of 32 layers, "
+                     f"{n_params / 1e9:.2f}B params, {shards} shard(s)",
+                     "loader": "ours" if weights == "bfloat16" else "ours, generate.py --quantize int8",
+                     "dtype": weights, "file_mb": round(file_bytes / 1e6), "model_mb": round(model_bytes / 1e6),
+                     "seconds": round(m["seconds"], 2), **memory_columns(m, model_bytes),
+                     "peak_while_decoding_mb": round(m["decode_rss"] / 1e6),
+                     "first_token_s": round(m["first_token_s"], 2),
+                     "tokens_per_s": round((n - 1) / m["later_tokens_s"], 2) if n > 1 else None,
+                     "note": "target peak/model <= 1.15 (the import weighs more on a small shape)"
+                     if weights == "bfloat16" else "weights: int8 matrices with their scales, bfloat16 norms"})
+    return rows
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -281,5 +297,5 @@ def run(args: argparse.Namespace) -> list[dict]:
             rows += export_check_rows(args.hf_python, tmp)
         rows += gpt2_rows(args, tmp)
         if args.mistral_layers > 0:
-            rows.append(mistral_row(args, tmp))
+            rows += mistral_rows(args, tmp)
     return rows
