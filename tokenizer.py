@@ -1490,6 +1490,15 @@ def _hf_normalizer(spec: dict | None):
 _LEADING_SPACE, _TRAILING_SPACE = regex.compile(r"^\s+"), regex.compile(r"\s+$")
 
 
+def _chain(steps: list):
+    """tokenizer.json's "Sequence" of pre-tokenizers or decoders: each step's output is the next one's input."""
+    def chained(items):
+        for step in steps:
+            items = step(items)
+        return items
+    return chained
+
+
 def _hf_pre_tokenizer(spec: dict | None):
     """tokenizer.json's "pre_tokenizer" -> f(pieces) -> pieces, over (text, head, at_start) tuples;
     None when there is none (each piece is then one word)."""
@@ -1497,13 +1506,7 @@ def _hf_pre_tokenizer(spec: dict | None):
         return None
     kind = spec.get("type")
     if kind == "Sequence":
-        steps = [_hf_pre_tokenizer(s) for s in spec["pretokenizers"]]
-
-        def sequence(pieces):
-            for step in steps:
-                pieces = step(pieces)
-            return pieces
-        return sequence
+        return _chain([_hf_pre_tokenizer(s) for s in spec["pretokenizers"]])
 
     def splitting(pattern, behavior, invert=False):  # each piece becomes new pieces, each a fresh one
         split = _splitter(pattern, behavior, invert)
@@ -1569,13 +1572,7 @@ def _hf_decoder(spec: dict | None):
         return None
     kind = spec.get("type")
     if kind == "Sequence":
-        steps = [_hf_decoder(s) for s in spec["decoders"]]
-
-        def sequence(tokens):
-            for step in steps:
-                tokens = step(tokens)
-            return tokens
-        return sequence
+        return _chain([_hf_decoder(s) for s in spec["decoders"]])
     if kind == "ByteLevel":  # tokens spelled in GPT-2's printable characters back to bytes, then UTF-8
         table = _unicode_to_bytes()
         to_bytes = lambda t: bytes(table[c] for c in t) if all(c in table for c in t) else t.encode("utf-8")
