@@ -12,7 +12,6 @@ import pretrain
 from model import GPT, get_config
 
 REPO = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.needs_files("gpt2/encoder.json", "gpt2/vocab.bpe", "text/the-verdict.txt")
 FAMILIES = ["tiny", "mistral-tiny", "llama-tiny", "phi-2-tiny", "phi-3-tiny"]
 
 
@@ -86,6 +85,7 @@ def run_and_plan(tmp_path: Path, flags: list[str]) -> tuple[dict, int]:
     return json.loads((tmp_path / "plan" / "plan.json").read_text()), records[-1]["peak_memory"]
 
 
+@pytest.mark.needs_files("gpt2/encoder.json", "gpt2/vocab.bpe", "text/the-verdict.txt")  # a subprocess
 def test_planned_memory_is_within_20_percent_of_a_real_runs_peak(verdict_text, tmp_path):
     """The mini model (16M parameters) on the CPU, where weights, AdamW's state and the activations
     outweigh the runtime: plan.json's bytes_per_process against the run's own peak RSS."""
