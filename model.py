@@ -253,25 +253,29 @@ def rope_frequencies(config: GPTConfig, device: torch.device | str | None = None
 
 
 def rotary_angles(config: GPTConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of every position's rotation angles, float32: positions (B, T) -> (B, T, rotary_dim) each.
+    """cos and sin of every position's rotation angles, float32: positions (B, T) -> (B, T, 1, rotary_dim)
+    each; the 1 broadcasts over the heads. Built once per forward for all blocks.
 
     The angles are laid out twice, [a_0 .. a_(d/2-1), a_0 .. a_(d/2-1)]: dimension j rotates with
-    dimension j + d/2 ("rotate half", the layout of the Hub's weights; no permutation is needed)."""
+    dimension j + d/2 ("rotate half", the layout of the Hub's weights; no permutation is needed). The
+    sines come signed, [-sin a_0 .. -sin a_(d/2-1), +sin a_0 ..], which is all the minus that
+    apply_rotary needs."""
     freqs = positions[..., None].float() * rope_frequencies(config, positions.device)  # (B, T, d/2)
-    angles = torch.cat((freqs, freqs), dim=-1)  # (B, T, d)
-    return angles.cos(), angles.sin()
+    cos, sin = freqs.cos(), freqs.sin()
+    return torch.cat((cos, cos), dim=-1)[:, :, None], torch.cat((-sin, sin), dim=-1)[:, :, None]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each head's first rotary_dim dimensions: x (B, nh, T, hs), cos and sin (B, T, rotary_dim).
+    """Rotate each head's first rotary_dim dimensions: x (B, T, heads, hs), cos and sin from rotary_angles.
 
-    Pairs (j, j + d/2) turn as 2-D vectors: (a, b) -> (a cos - b sin, b cos + a sin). The dimensions
+    Pairs (a, b) = (x_j, x_(j + d/2)) turn as 2-D vectors: (a, b) -> (a cos - b sin, b cos + a sin).
+    Rolling the d dimensions by d/2 puts each b where its a is and each a where its b is, so one roll,
+    two products and a sum rotate every pair (the signed sines supply the minus). The dimensions
     beyond rotary_dim (Phi-2: 48 of 80) pass unchanged."""
     d = cos.size(-1)
-    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)  # (B, 1, T, d): the same angles for every head
-    rot, rest = x[..., :d], x[..., d:]
-    rotated_half = torch.cat((-rot[..., d // 2:], rot[..., :d // 2]), dim=-1)
-    return torch.cat((rot * cos + rotated_half * sin, rest), dim=-1)
+    rot = x[..., :d]
+    rotated = rot * cos.to(x.dtype) + rot.roll(d // 2, dims=-1) * sin.to(x.dtype)
+    return rotated if d == x.size(-1) else torch.cat((rotated, x[..., d:]), dim=-1)
 
 
 def build_attention_mask(query_slots: torch.Tensor, key_slots: torch.Tensor, key_valid: torch.Tensor | None = None,
@@ -326,16 +330,18 @@ class CausalSelfAttention(nn.Module):
         keys and values come from every position, queries from those alone."""
         B, T, _ = x.shape
         nh, nkv, hs = self.n_head, self.n_kv_head, self.head_size
-        q, k, v = self.c_attn(x).split([nh * hs, nkv * hs, nkv * hs], dim=2)
-        if at is not None:
-            q = take(q, at)  # (B, Q, nh * hs)
-        q = q.view(B, q.size(1), nh, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
-        v = v.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
-        if rope is not None:
-            cos, sin = rope  # (B or 1, T, rotary_dim) each
-            k = apply_rotary(k, cos, sin)
-            q = apply_rotary(q, *((take(cos, at), take(sin, at)) if at is not None else rope))
+        qkv = self.c_attn(x).view(B, T, nh + 2 * nkv, hs)  # (B, T, heads, hs): q's heads, then k's, then v's
+        if rope is not None and at is None:  # q and k side by side: one rotation turns all their heads
+            qk = apply_rotary(qkv[:, :, :nh + nkv], *rope)  # rope: cos and sin, (B or 1, T, 1, rotary_dim) each
+            q, k, v = qk[:, :, :nh], qk[:, :, nh:], qkv[:, :, nh + nkv:]
+        else:
+            q, k, v = qkv.split([nh, nkv, nkv], dim=2)
+            if at is not None:
+                q = take(q, at)  # (B, Q, nh, hs)
+            if rope is not None:
+                cos, sin = rope
+                q, k = apply_rotary(q, take(cos, at), take(sin, at)), apply_rotary(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hs)
         if cache is not None:
             cached_keys, cached_values = cache  # (B, nkv, S, hs) each, S = cache length
             cached_keys.index_copy_(2, cache_positions, k.to(cached_keys.dtype))
