@@ -17,6 +17,7 @@ import torch
 import finetune_spam as fs
 import load_gpt2
 import model as M
+from fixtures.hub_config import hub_layout
 from generate import generate, left_pad
 from load_gpt2 import export_hf, load_model, load_pretrained
 from tokenizer import UserError
@@ -142,17 +143,6 @@ def test_head_t_path_adds_the_lm_head_bias(loaded):
 
 
 # --- loading: layouts, dtypes, shards ------------------------------------------------------------------
-
-def hub_layout(config: dict) -> dict:
-    """transformers 5's config.json -> the Hub's older layout (what make_hf_families.py writes for phi)."""
-    config = dict(config)
-    rope = dict(config.pop("rope_parameters", None) or {})
-    config["rope_theta"] = rope.pop("rope_theta", 10000.0)
-    if "partial_rotary_factor" in rope:
-        config["partial_rotary_factor"] = rope.pop("partial_rotary_factor")
-    config["rope_scaling"] = rope if rope.get("rope_type", "default") != "default" else None
-    config["torch_dtype"] = config.pop("dtype", "float32")
-    return config
 
 
 def transformers5_layout(config: dict) -> dict:
