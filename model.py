@@ -220,7 +220,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        normed = F.rms_norm(x.float(), (x.size(-1),), eps=self.eps)  # PyTorch's one kernel for x / rms(x)
+        normed = F.rms_norm(x.float(), (x.size(-1),), eps=self.eps)  # x / sqrt(mean(x^2) + eps), PyTorch's own
         return self.weight * normed.to(x.dtype)
 
 

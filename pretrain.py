@@ -983,8 +983,8 @@ def restore_rng(rngs: list[dict], procs: Processes) -> None:
 class TensorsOnlyReader(dcp.FileSystemReader):
     """torch.distributed.checkpoint's reader, holding to the project's rule that loading a checkpoint
     never unpickles arbitrary objects: the folder's .metadata (a pickle) is read with an unpickler that
-    knows only the checkpoint metadata's own classes, and every entry must be a tensor (other entries
-    would be read with torch.load(weights_only=False))."""
+    knows only the checkpoint metadata's own classes, and every entry must be a tensor (DCP reads any
+    other entry by unpickling it whole)."""
 
     ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
                ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"), ("collections", "OrderedDict"),

@@ -12,9 +12,13 @@ A test that needs a file none of them can give is skipped with the reason: mark 
 with `pytestmark = pytest.mark.needs_files(...)`; subprocess tests need the mark) with
 @pytest.mark.needs_files("cache/path", ...). A download that fails in-process inside a test or its
 fixtures also becomes a skip. Only tests and .ci/run know about ../shared.
+
+run_in_process runs a stage script's command line in the test's own process (no Python start-up).
 """
+import importlib
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -104,3 +108,29 @@ def _skip_on_download_error():
 
 pytest_runtest_setup = pytest.hookimpl(wrapper=True)(_skip_on_download_error)
 pytest_runtest_call = pytest.hookimpl(wrapper=True)(_skip_on_download_error)
+
+
+def run_in_process(script: str, argv: list[str], capsys) -> tuple[int, str]:
+    """The script's own entry point, run_stage(main, parse_args), in this process: exit code, stderr.
+
+    The same code path as the command line without a Python start-up per case; an exception that
+    escapes run_stage (a traceback on the command line) fails the test, and so does a run of over 60 s
+    (the cases are small; bad input must be refused before any real work starts)."""
+    module = importlib.import_module(script.removesuffix(".py"))
+    capsys.readouterr()
+
+    def too_slow(signum, frame):
+        raise TimeoutError(f"{script} {' '.join(argv)} was still running after 60 s")
+    previous = signal.signal(signal.SIGALRM, too_slow)
+    signal.alarm(60)
+    try:
+        tokenizer.run_stage(module.main, lambda: module.parse_args(argv))
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)  # sys.exit("message") prints it on the command line
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    return code, capsys.readouterr().err

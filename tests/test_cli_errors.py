@@ -11,7 +11,6 @@ download code is.
 """
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, run_in_process
 
 pytestmark = pytest.mark.needs_files("gpt2/encoder.json", "gpt2/vocab.bpe")
 
@@ -121,33 +120,6 @@ def places(tmp_path_factory) -> dict[str, str]:
 def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
             for p in folder.rglob("*") if p.is_file()}
-
-
-def run_in_process(script: str, argv: list[str], capsys) -> tuple[int, str]:
-    """The script's own entry point, run_stage(main, parse_args), in this process: exit code, stderr.
-
-    The same code path as the command line without a Python start-up per case; an exception that
-    escapes run_stage (a traceback on the command line) fails the test."""
-    import importlib
-    from tokenizer import run_stage
-    module = importlib.import_module(script.removesuffix(".py"))
-    capsys.readouterr()
-
-    def too_slow(signum, frame):  # bad input must be refused before any real work starts
-        raise TimeoutError(f"{script} {' '.join(argv)} was still running after 60 s")
-    previous = signal.signal(signal.SIGALRM, too_slow)
-    signal.alarm(60)
-    try:
-        run_stage(module.main, lambda: module.parse_args(argv))
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-        if isinstance(e.code, str):
-            print(e.code, file=sys.stderr)  # sys.exit("message") prints it on the command line
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-    return code, capsys.readouterr().err
 
 
 @pytest.mark.parametrize("script, arguments", CASES, ids=[f"{s} {a}" for s, a in CASES])

@@ -19,7 +19,8 @@ import load_gpt2
 from load_gpt2 import (SafetensorsError, SafetensorsFile, export_hf, load_gpt2 as load, load_model,
                        read_safetensors, write_safetensors)
 from model import GPTConfig, get_config, save_checkpoint
-from tokenizer import UserError, run_stage
+from conftest import run_in_process
+from tokenizer import UserError
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURE = REPO / "tests" / "fixtures" / "hf_tiny_gpt2"
@@ -611,20 +612,13 @@ def test_a_safetensors_file_as_a_checkpoint_never_says_pip_install(tmp_path):
     assert "pip" not in str(error.value)
 
 
-def test_cli_export_needs_force_to_replace_a_model(tmp_path):
-    """The script's own entry point in this process (the command line's exit and message handling is
-    tested in a fresh process in test_cli_errors.py)."""
-    def run(*argv: str) -> int | str:
-        try:
-            run_stage(load_gpt2.main, lambda: load_gpt2.parse_args(list(argv)))
-            return 0
-        except SystemExit as e:
-            return e.code  # exit status, or the message sys.exit prints before exiting 1
+def test_cli_export_needs_force_to_replace_a_model(tmp_path, capsys):
+    """The script's own entry point in this process (test_cli_errors.py runs the command line in fresh ones)."""
     args = ["--init", "random", "--preset", "phi-2-tiny", "--device", "cpu", "--export", str(tmp_path / "hf")]
-    assert run(*args) == 0
+    assert run_in_process("load_gpt2.py", args, capsys)[0] == 0
     before = (tmp_path / "hf" / "model.safetensors").read_bytes()
-    message = run(*args)
-    assert message.startswith("error: ") and "already holds a model" in message and "--force" in message
+    code, stderr = run_in_process("load_gpt2.py", args, capsys)
+    assert code == 1 and stderr.startswith("error: ") and "already holds a model" in stderr and "--force" in stderr
     assert (tmp_path / "hf" / "model.safetensors").read_bytes() == before
-    assert run(*args, "--force") == 0
+    assert run_in_process("load_gpt2.py", [*args, "--force"], capsys)[0] == 0
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == ["PhiForCausalLM"]
