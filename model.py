@@ -677,15 +677,16 @@ def save_checkpoint(path: str | Path, model: nn.Module, **extra) -> None:
 
 def checkpoint_kind(path: Path) -> str:
     """What a file holds, judged by its first bytes: "torch" (the zip archive torch.save writes, as
-    save_checkpoint does), "safetensors" (an 8-byte header length, then the JSON header's '{'),
-    "empty", or "other"."""
+    save_checkpoint does), "safetensors" (an 8-byte little-endian header length that fits in the file,
+    then the JSON header's '{'), "empty", or "other"."""
     with open(path, "rb") as f:
         head = f.read(9)
     if not head:
         return "empty"
     if head[:4] == b"PK\x03\x04":
         return "torch"
-    if len(head) == 9 and head[8:9] == b"{":
+    # The length check matters: a '{' at byte 8 alone would claim one random file in 256.
+    if len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= path.stat().st_size - 8:
         return "safetensors"
     return "other"
 

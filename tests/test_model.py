@@ -1,4 +1,5 @@
 """model.py: shapes, causality, the KV cache, padding, GPT-2's parameter counts, checkpoints."""
+import numpy as np
 import pytest
 import torch
 
@@ -202,6 +203,21 @@ def test_files_that_are_not_checkpoints_get_one_clear_sentence(tmp_path):
             M.load_checkpoint(tmp_path / name)
         message = str(error.value)
         assert "\n" not in message and "weights_only" not in message and "pip install" not in message, message
+
+
+def test_random_bytes_are_never_taken_for_a_safetensors_file(tmp_path):
+    # A '{' at byte 8 is one random file in 256; the header length must also fit inside the file.
+    rng = np.random.default_rng(0)
+    for i in range(64):
+        junk = bytearray(rng.bytes(2048))
+        junk[8] = ord("{")
+        (tmp_path / "junk.pt").write_bytes(bytes(junk))
+        assert M.checkpoint_kind(tmp_path / "junk.pt") == "other"
+        with pytest.raises(ValueError, match="neither a checkpoint"):
+            M.load_checkpoint(tmp_path / "junk.pt")
+    header = b'{"__metadata__":{}}'
+    (tmp_path / "w.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+    assert M.checkpoint_kind(tmp_path / "w.safetensors") == "safetensors"
 
 
 def test_checkpoint_with_an_invalid_config_is_a_value_error(tmp_path):

@@ -11,6 +11,7 @@ import sys
 from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -335,7 +336,7 @@ def test_resume_refuses_changed_flags_naming_each_and_accepts_the_harmless_ones(
 
 def test_empty_or_corrupt_checkpoints_give_one_sentence(verdict_tokens, tmp_path):
     for name, content, words in (("empty", b"", "empty"),
-                                 ("junk", os.urandom(2048), "not a readable checkpoint|neither a checkpoint")):
+                                 ("junk", np.random.default_rng(0).bytes(2048), "not a readable checkpoint|neither a checkpoint")):
         run = tmp_path / name
         run.mkdir()
         (run / "ckpt.pt").write_bytes(content)
