@@ -14,15 +14,19 @@ with `pytestmark = pytest.mark.needs_files(...)`; subprocess tests need the mark
 fixtures also becomes a skip. Only tests and .ci/run know about ../shared.
 
 run_in_process runs a stage script's command line in the test's own process (no Python start-up).
+Every test starts from the same random seed.
 """
 import importlib
 import os
+import random
 import shutil
 import signal
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -96,6 +100,14 @@ def _skip_without_needed_files(request, offline_cache):
     for relpath in marker.args if marker else ():
         if relpath in MISSING:
             pytest.skip(f"{relpath} is not available here: {MISSING[relpath]}")
+
+
+@pytest.fixture(autouse=True)
+def _same_random_numbers_every_run():
+    """Each test draws the same random numbers whatever ran before it, so a failure reproduces."""
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
 
 
 def _skip_on_download_error():
