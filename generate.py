@@ -9,8 +9,9 @@ It yields tokens as they are sampled and stops at an end-of-text token or a stop
 different lengths share a batch by left padding plus an attention mask; each row then gets exactly
 the tokens it would get alone. Decoding one token at a time reads every weight once per token, so
 its speed is set by the bytes of the weights: `--dtype bfloat16` halves them, and `--quantize int8`
-(`Int8Linear`, `quantize_int8`) quarters them. Other stages import `sample_next`, `generate`,
-`left_pad`, `TextStream` and the int8 pieces.
+(`Int8Linear`, `quantize_int8`) quarters them; on a CPU, `--quantize int8 --compile` is the fastest
+decoder (`compile_for_generation`). Other stages import `sample_next`, `generate`, `left_pad`,
+`TextStream` and the int8 pieces.
 """
 import argparse
 import sys
@@ -174,9 +175,11 @@ class Int8Linear(nn.Module):
     BLAS kernel instead (here 1.4x faster at 64 rows, 2x at 1,024, in float32); GPUs and MPS always
     take this path.
 
-    Speed: decoding GPT-2 124M on this 2-core CPU, the kernel reads int8 weights from memory at about
-    5 GB/s per core, against 15 GB/s for MKL's float32 product, so a quarter of the bytes makes tokens
-    only ~1.3x faster than float32 (1.5x with --dtype bfloat16), not 4x (tests/bench.py generate)."""
+    Speed: decoding GPT-2 124M on this 2-core CPU, the eager kernel streams int8 weights from memory
+    at ~10 GB/s, against ~25 GB/s for MKL's float32 product, so a quarter of the bytes makes tokens
+    only ~1.1-1.35x faster than float32, not 4x. Compiled (compile_for_generation), inductor swaps in
+    its own GEMM over pre-packed int8 weights and decoding runs >2x float32 (tests/bench.py generate).
+    Nothing in forward() may break the compiled graph, hence no alignment check while compiling."""
 
     KERNEL_MAX_ROWS = 32  # rows of x (tokens) up to which the CPU int8 kernel beats dequantising
     DEQUANTISE_ELEMENTS = 1 << 24  # the weights dequantised at a time: 64 MB of float32
@@ -197,7 +200,9 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         if x.device.type == "cpu" and self.in_features % 16 == 0 and rows <= self.KERNEL_MAX_ROWS:
-            a = _aligned(x.reshape(rows, self.in_features).to(torch.bfloat16))  # (M, in): the kernel takes 2-D
+            a = x.reshape(rows, self.in_features).to(torch.bfloat16)  # (M, in): the kernel takes 2-D
+            if not torch.compiler.is_compiling():  # compiled code allocates aligned; data_ptr would break the graph
+                a = _aligned(a)
             y = torch.ops.aten._weight_int8pack_mm(a, self.weight, self.scales.to(torch.bfloat16))  # (M, out)
             y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)
         else:
@@ -378,6 +383,24 @@ def generate(model: GPT, ids: torch.Tensor, max_new_tokens: int, *, temperature:
                           cache_positions=torch.tensor([T + step], device=device), last_only=True, head_t=head_t)
 
 
+def compile_for_generation(model: GPT, device: torch.device) -> nn.Module:
+    """torch.compile, set up for decoding on `device` (what generate.py --compile does).
+
+    On a CPU, freezing makes the weights constants of the compiled graph, so inductor can pre-pack
+    them for MKL's matmuls (GPT-2 124M float32: ~1.3x eager's tokens/s; plain compiling ~1x), for
+    more memory. Safe here: nothing trains. An int8 model there compiles with mode="max-autotune",
+    the one mode in which inductor replaces the int8 kernel by its own C++ GEMM over a pre-packed copy
+    of the int8 weights, which streams them from memory ~1.6x as fast (tests/bench.py generate);
+    autotuning adds some seconds to the first tokens."""
+    if device.type != "cpu":
+        return torch.compile(model)
+    # Set globally: passed as options={"freezing": True} (torch 2.13), the int8 scales were left
+    # unfolded and the int8 GEMM failed to lower.
+    torch._inductor.config.freezing = True
+    int8 = any(isinstance(m, Int8Linear) for m in model.modules())
+    return torch.compile(model, mode="max-autotune" if int8 else None)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Command line
 
@@ -435,14 +458,19 @@ def generate_text(model: GPT, tokenizer, prompt: str, args: argparse.Namespace,
     eos_id = tokenizer.eos_id
     print(prompt, end="", flush=True)
     start = time.perf_counter()
-    first = None  # when the first token arrived: prefill (and with --compile, compiling) is done
+    # When the first token arrived (prefill, and with --compile its compiling, done) and the second
+    # (the first one-token step, which with --compile compiles a graph of its own).
+    first = second = None
     n_new = 0
     for token in generate(model, torch.tensor([ids], device=device), max_new_tokens,
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_id=eos_id,
                           generator=generator, n_vocab=tokenizer.n_vocab):
         token = int(token)  # (1,) -> int; waits for the device, which streaming needs anyway
-        first = first or time.perf_counter()
         n_new += 1
+        if n_new == 1:
+            first = time.perf_counter()
+        elif n_new == 2:
+            second = time.perf_counter()
         if token == eos_id:
             break
         print(text.push(token), end="", flush=True)
@@ -450,12 +478,13 @@ def generate_text(model: GPT, tokenizer, prompt: str, args: argparse.Namespace,
             break
     print(text.flush(), flush=True)
     end = time.perf_counter()
-    # The rate after the first token: what decoding sustains, without prefill or compile time.
-    rate = f", then {(n_new - 1) / (end - first):.1f} tokens/s" if n_new > 1 else ""
+    # The rate after the second token: what decoding sustains, without prefill or compile time.
+    decode_tokens, decode_seconds = max(n_new - 2, 0), (end - second if second else 0.0)
+    rate = f", then {decode_tokens / decode_seconds:.1f} tokens/s" if decode_tokens else ""
     print(f"[prompt {len(ids)} tokens; generated {n_new} tokens, the first after {first - start:.2f} s"
           f"{rate}]", file=sys.stderr, flush=True)
     return {"text": prompt + text.text, "prompt_tokens": len(ids), "new_tokens": n_new,
-            "decode_seconds": end - first}
+            "decode_tokens": decode_tokens, "decode_seconds": decode_seconds}
 
 
 def probability(text: str) -> float:
@@ -505,7 +534,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "float32's memory (a 7B model in about 8 GB); --dtype sets the rest. Default: none")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the model: the first tokens wait for compiling, the rest come faster "
-                        "(on CPU with frozen weights, which takes more memory)")
+                        "(on CPU with frozen weights, which takes more memory; with --quantize int8 there, "
+                        "autotuned, ~3x float32's tokens/s)")
     return p.parse_args(argv)
 
 
@@ -519,19 +549,14 @@ def main(args: argparse.Namespace) -> dict:
     tokenizer = tokenizer_for(extra)
     model.eval()
     if args.compile:
-        if device.type == "cpu":
-            # Freezing makes the weights constants of the compiled graph, so inductor can pre-pack
-            # them for MKL's matmuls: GPT-2 124M decodes ~1.3x faster than eager on a 2-core CPU
-            # (plain compiling: ~1x), for ~2.5x the weights' memory. Safe here: nothing trains.
-            torch._inductor.config.freezing = True
-        model = torch.compile(model)
+        model = compile_for_generation(model, device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     prompts = [args.prompt] if args.prompt is not None else read_prompts(sys.stdin)
     samples = []
     for prompt in prompts:
         for _ in range(args.num_samples):
             samples.append(generate_text(model, tokenizer, prompt, args, generator, device))
-    decoded = sum(s["new_tokens"] - 1 for s in samples)  # tokens after each sample's first
+    decoded = sum(s["decode_tokens"] for s in samples)  # tokens after each sample's second
     seconds = sum(s["decode_seconds"] for s in samples)
     return {"samples": [s["text"] for s in samples], "new_tokens": sum(s["new_tokens"] for s in samples),
             "tokens_per_second": decoded / seconds if decoded else 0.0}

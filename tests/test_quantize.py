@@ -109,6 +109,19 @@ def test_int8_linear_keeps_the_activations_dtype():
     assert layer(torch.randn(2, 32, dtype=torch.bfloat16)).dtype == torch.bfloat16
 
 
+def test_compiled_int8_linear_matches_eager():
+    """generate.py --compile on a CPU: frozen weights and autotuning, in which inductor lowers the int8
+    product to its own GEMM (a lowering that failed when the scales were not folded into constants)."""
+    torch.manual_seed(0)
+    layer = nn.Sequential(G.Int8Linear.from_linear(nn.Linear(64, 128))).eval()
+    x = torch.randn(1, 1, 64)
+    with torch.inference_mode():
+        compiled = G.compile_for_generation(layer, torch.device("cpu"))(x)
+        eager = layer(x)
+    torch.testing.assert_close(compiled, eager, rtol=0.02, atol=0.02 * eager.abs().max().item())
+    torch._dynamo.reset()
+
+
 # ---- whole models: GPT-2 and every family --------------------------------------------------------
 
 def test_int8_weights_take_about_a_quarter_of_float32(pair):
@@ -145,6 +158,18 @@ def test_int8_greedy_tokens_mostly_agree_with_float32(pair, product):
     ids = sample_ids(fp32, batch=4, length=50, seed=2)
     agree = (logits(fp32, ids).argmax(-1) == logits(int8, ids).argmax(-1)).float().mean()
     assert agree >= 0.9, f"{preset}, {product}: {agree:.1%} of 200 positions"
+
+
+def test_an_int8_decoding_step_compiles_as_one_graph(pair):
+    """A graph break inside Int8Linear (once: the alignment check reads data_ptr) leaves its products
+    to eager kernels between compiled pieces, and --compile then gains nothing."""
+    preset, _, int8 = pair
+    cache = M.KVCache(int8.config, 1, 8)
+    step = torch.compile(int8, fullgraph=True, backend="eager")  # fullgraph: a graph break is an error
+    with torch.inference_mode():
+        step(sample_ids(int8, 1, 4), kv_cache=cache, cache_positions=torch.arange(4), last_only=True)
+        step(sample_ids(int8, 1, 1), kv_cache=cache, cache_positions=torch.tensor([4]), last_only=True)
+    torch._dynamo.reset()
 
 
 def test_int8_cached_greedy_equals_int8_recomputed(pair):
