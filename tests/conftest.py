@@ -122,8 +122,8 @@ pytest_runtest_setup = pytest.hookimpl(wrapper=True)(_skip_on_download_error)
 pytest_runtest_call = pytest.hookimpl(wrapper=True)(_skip_on_download_error)
 
 
-def run_in_process(script: str, argv: list[str], capsys) -> tuple[int, str]:
-    """The script's own entry point, run_stage(main, parse_args), in this process: exit code, stderr.
+def run_in_process(script: str, argv: list[str], capsys) -> tuple[int, str, str]:
+    """The script's own entry point, run_stage(main, parse_args), in this process: exit code, stdout, stderr.
 
     The same code path as the command line without a Python start-up per case; an exception that
     escapes run_stage (a traceback on the command line) fails the test, and so does a run of over 60 s
@@ -145,4 +145,5 @@ def run_in_process(script: str, argv: list[str], capsys) -> tuple[int, str]:
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
-    return code, capsys.readouterr().err
+    out = capsys.readouterr()
+    return code, out.out, out.err

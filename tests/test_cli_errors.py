@@ -130,7 +130,7 @@ def test_bad_input_is_one_sentence(places, script, arguments, capsys, monkeypatc
     before = snapshot(out)
     monkeypatch.chdir(places["tmp"])
     monkeypatch.setattr(sys, "stdin", open(os.devnull))
-    code, stderr = run_in_process(script, argv, capsys)
+    code, _, stderr = run_in_process(script, argv, capsys)
     assert code not in (0, 130), f"exit {code}"
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), stderr

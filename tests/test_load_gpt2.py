@@ -617,7 +617,7 @@ def test_cli_export_needs_force_to_replace_a_model(tmp_path, capsys):
     args = ["--init", "random", "--preset", "phi-2-tiny", "--device", "cpu", "--export", str(tmp_path / "hf")]
     assert run_in_process("load_gpt2.py", args, capsys)[0] == 0
     before = (tmp_path / "hf" / "model.safetensors").read_bytes()
-    code, stderr = run_in_process("load_gpt2.py", args, capsys)
+    code, _, stderr = run_in_process("load_gpt2.py", args, capsys)
     assert code == 1 and stderr.startswith("error: ") and "already holds a model" in stderr and "--force" in stderr
     assert (tmp_path / "hf" / "model.safetensors").read_bytes() == before
     assert run_in_process("load_gpt2.py", [*args, "--force"], capsys)[0] == 0

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, run_in_process
 
 import tokenizer
 from tokenizer import BPETokenizer, UserError
@@ -23,19 +23,6 @@ def verdict(offline_cache) -> Path:
 def run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "tokenizer.py", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=120)
-
-
-def run_in_process(argv: list[str], capsys) -> tuple[int, str, str]:
-    """tokenizer.py's entry point, run_stage(main, parse_args), in this process: exit code, stdout, stderr."""
-    try:
-        tokenizer.run_stage(tokenizer.main, lambda: tokenizer.parse_args(argv))
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-        if isinstance(e.code, str):
-            print(e.code, file=sys.stderr)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def one_error_line(code: int, err: str) -> str:
@@ -68,15 +55,15 @@ def test_encode_with_a_tokenizer_file():
 
 
 def test_encode_shows_a_tokenizer_json_without_specials(capsys):
-    code, out, _ = run_in_process(["encode", "--tokenizer", str(FIXTURES / "llama3_style"), "--no-special",
-                                   "<|begin_of_text|>Hi"], capsys)
+    code, out, _ = run_in_process("tokenizer.py", ["encode", "--tokenizer", str(FIXTURES / "llama3_style"),
+                                                   "--no-special", "<|begin_of_text|>Hi"], capsys)
     ids_line = out.splitlines()[0]
     assert code == 0 and "1200" not in ids_line and "'<'" in out and "decoded: '<|begin_of_text|>Hi'" in out
 
 
 def test_encode_with_a_file_that_is_no_tokenizer(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("not a tokenizer")
-    code, _, err = run_in_process(["encode", "--tokenizer", str(tmp_path / "notes.txt"), "x"], capsys)
+    code, _, err = run_in_process("tokenizer.py", ["encode", "--tokenizer", str(tmp_path / "notes.txt"), "x"], capsys)
     assert "neither a SentencePiece model" in one_error_line(code, err)
 
 
@@ -92,8 +79,8 @@ def test_train_and_prepare_commands(tmp_path, verdict):
 
 
 def test_prepare_with_a_tokenizer(tmp_path, verdict, capsys):
-    code, out, err = run_in_process(["prepare", str(verdict), "--out", str(tmp_path / "data"), "--tokenizer",
-                                     str(FIXTURES / "sp_nmt_nfkc.model")], capsys)
+    code, out, err = run_in_process("tokenizer.py", ["prepare", str(verdict), "--out", str(tmp_path / "data"),
+                                                     "--tokenizer", str(FIXTURES / "sp_nmt_nfkc.model")], capsys)
     assert code == 0, err
     train, val, meta = tokenizer.load_token_folder(tmp_path / "data")
     tok = tokenizer.load_tokenizer(FIXTURES / "sp_nmt_nfkc.model")
@@ -132,23 +119,24 @@ def test_out_that_is_a_file_or_unwritable(tmp_path, verdict, capsys, command):
     # As root, permission bits do not stop writes; a path under a regular file cannot be written by anyone.
     for out in (regular, regular / "sub" / ("data" if command == "prepare" else "v.json")):
         extra = ["--vocab-size", "300"] if command == "train" else []
-        code, _, err = run_in_process([command, str(verdict), "--out", str(out), *extra], capsys)
+        code, _, err = run_in_process("tokenizer.py", [command, str(verdict), "--out", str(out), *extra], capsys)
         assert str(out) in one_error_line(code, err)
     assert regular.read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["regular"]  # nothing left behind
 
 
 def test_train_into_a_folder_is_refused(tmp_path, verdict, capsys):
-    code, _, err = run_in_process(["train", str(verdict), "--out", str(tmp_path), "--vocab-size", "300"], capsys)
+    argv = ["train", str(verdict), "--out", str(tmp_path), "--vocab-size", "300"]
+    code, _, err = run_in_process("tokenizer.py", argv, capsys)
     assert "is a folder; name a file" in one_error_line(code, err)
 
 
 def test_earlier_results_are_kept_unless_forced(tmp_path, verdict, capsys):
     for argv in (["prepare", str(verdict), "--out", str(tmp_path / "data")],
                  ["train", str(verdict), "--out", str(tmp_path / "v.json"), "--vocab-size", "260"]):
-        assert run_in_process(argv, capsys)[0] == 0
+        assert run_in_process("tokenizer.py", argv, capsys)[0] == 0
         before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
-        code, _, err = run_in_process(argv, capsys)
+        code, _, err = run_in_process("tokenizer.py", argv, capsys)
         assert "--force" in one_error_line(code, err)
         assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == before
-        assert run_in_process([*argv, "--force"], capsys)[0] == 0
+        assert run_in_process("tokenizer.py", [*argv, "--force"], capsys)[0] == 0
