@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from load_gpt2 import add_init_args, load_model, tokenizer_for
-from model import GPT, KVCache, add_device_args, device_and_dtype
+from model import GPT, KVCache, add_device_args, device_and_dtype, missing_compiler
 from tokenizer import (ArgumentParser, UserError, bos, non_negative_float, non_negative_int, positive_float,
                        positive_int, run_stage)
 
@@ -541,6 +541,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(args: argparse.Namespace) -> dict:
     device, dtype = device_and_dtype(args.device, args.dtype)
+    if args.compile and (why := missing_compiler(device)):
+        raise UserError(why)
     torch.manual_seed(args.seed)  # makes --init random reproducible too
     model, extra = load_for_generation(args.init, preset=args.preset, device=device, dtype=dtype,
                                        quantize=args.quantize)

@@ -18,6 +18,7 @@ import dataclasses
 import math
 import os
 import pickle
+import shutil
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -758,6 +759,16 @@ def resolve_device(name: str = "auto") -> torch.device:
     if device.type in available and not available[device.type]():
         raise ValueError(f"device {name!r} is not available on this machine")
     return device
+
+
+def missing_compiler(device: torch.device) -> str | None:
+    """Why torch.compile cannot work on device, in one sentence, or None. On a CPU, inductor writes
+    C++ kernels and builds them with $CXX, else g++ or clang++; without one, the first forward would
+    end in a long traceback."""
+    if device.type == "cpu" and not (os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")):
+        return ("--compile on a CPU needs a C++ compiler (g++, clang++, or the one $CXX names) and none was "
+                "found; install one, or leave out --compile")
+    return None
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -54,7 +54,7 @@ import tokenizer
 from generate import sample_next
 from load_gpt2 import add_init_args, load_model, model_card, tokenizer_for
 from model import (DTYPES, GPT, GPTConfig, add_device_args, autocast, checkpoint_kind, get_config, load_checkpoint,
-                   resolve_device, resolve_dtype, save_checkpoint)
+                   missing_compiler, resolve_device, resolve_dtype, save_checkpoint)
 from tokenizer import (ArgumentParser, RunLock, UserError, atomic_write, bos, clock, non_negative_float,
                        non_negative_int, positive_float, positive_int, run_stage, sample_windows, unit_interval,
                        writable_folder)
@@ -1118,6 +1118,8 @@ def train(args: argparse.Namespace) -> tuple[GPT, dict]:
     Under FSDP the model returned is the sharded one (each process holds its shards)."""
     procs, device = init_processes(args.device, args.strategy)
     try:
+        if args.compile and (why := missing_compiler(device)):
+            raise UserError(why)
         out_dir = writable_folder(args.out_dir)  # every process: under FSDP each writes its own shards there
         with run_folder_lock(out_dir, procs):
             return _train(args, procs, device, out_dir)

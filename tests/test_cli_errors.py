@@ -151,3 +151,16 @@ def test_bad_input_on_the_real_command_line(places, script, arguments):
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+
+
+@pytest.mark.parametrize("script, arguments", [("generate.py", "--init random --preset tiny --prompt hi"),
+                                               ("pretrain.py", "--init random --preset tiny --out-dir {tmp}/c")])
+def test_compile_without_a_cpp_compiler_is_one_sentence(places, script, arguments, capsys, monkeypatch):
+    """On a CPU, torch.compile builds C++ kernels; without a compiler the run stops before any work."""
+    argv = [part.format(**places) for part in arguments.split()] + ["--device", "cpu", "--compile"]
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setenv("PATH", str(places["tmp"]))  # shutil.which finds neither g++ nor clang++ there
+    code, _, stderr = run_in_process(script, argv, capsys)
+    assert code == 1 and stderr.strip() == "error: --compile on a CPU needs a C++ compiler (g++, clang++, or the one " \
+        "$CXX names) and none was found; install one, or leave out --compile", stderr
+    assert not (Path(places["tmp"]) / "c").exists()

@@ -208,7 +208,7 @@ def test_files_that_are_not_checkpoints_get_one_clear_sentence(tmp_path):
 def test_random_bytes_are_never_taken_for_a_safetensors_file(tmp_path):
     # A '{' at byte 8 is one random file in 256; the header length must also fit inside the file.
     rng = np.random.default_rng(0)
-    for i in range(64):
+    for _ in range(64):
         junk = bytearray(rng.bytes(2048))
         junk[8] = ord("{")
         (tmp_path / "junk.pt").write_bytes(bytes(junk))

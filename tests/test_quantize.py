@@ -109,6 +109,7 @@ def test_int8_linear_keeps_the_activations_dtype():
     assert layer(torch.randn(2, 32, dtype=torch.bfloat16)).dtype == torch.bfloat16
 
 
+@pytest.mark.skipif(M.missing_compiler(torch.device("cpu")) is not None, reason="no C++ compiler for torch.compile")
 def test_compiled_int8_linear_matches_eager():
     """generate.py --compile on a CPU: frozen weights and autotuning, in which inductor lowers the int8
     product to its own GEMM (a lowering that failed when the scales were not folded into constants)."""
