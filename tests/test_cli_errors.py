@@ -154,7 +154,7 @@ def test_bad_input_on_the_real_command_line(places, script, arguments):
 
 
 @pytest.mark.parametrize("script, arguments", [("generate.py", "--init random --preset tiny --prompt hi"),
-                                               ("pretrain.py", "--init random --preset tiny --out-dir {tmp}/c")])
+                                               ("pretrain.py", "--init random --preset tiny --out-dir {tmp}/no-compiler")])
 def test_compile_without_a_cpp_compiler_is_one_sentence(places, script, arguments, capsys, monkeypatch):
     """On a CPU, torch.compile builds C++ kernels; without a compiler the run stops before any work."""
     argv = [part.format(**places) for part in arguments.split()] + ["--device", "cpu", "--compile"]
@@ -163,4 +163,4 @@ def test_compile_without_a_cpp_compiler_is_one_sentence(places, script, argument
     code, _, stderr = run_in_process(script, argv, capsys)
     assert code == 1 and stderr.strip() == "error: --compile on a CPU needs a C++ compiler (g++, clang++, or the one " \
         "$CXX names) and none was found; install one, or leave out --compile", stderr
-    assert not (Path(places["tmp"]) / "c").exists()
+    assert not (Path(places["tmp"]) / "no-compiler").exists()
