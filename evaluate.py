@@ -36,13 +36,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from finetune_instruct import TEMPLATES, alpaca_prompt, answer, default_template, prompt_ids
-from generate import generate, left_pad
+from common import (ArgumentParser, ProgressLine, UserError, atomic_write, non_negative_int, positive_int, run_stage,
+                    writable_folder)
+from download import fetch
+from generate import answer, generate, left_pad
 from load_gpt2 import add_init_args, load_model, tokenizer_for
-from model import GPT, PRESETS, KVCache, add_device_args, device_and_dtype
-from tokenizer import (ArgumentParser, ProgressLine, UserError, atomic_write, bos, corpus_files, document_ids, fetch,
-                       load_token_folder, read_blocks,
-                       non_negative_int, positive_int, read_text, run_stage, writable_folder)
+from model import GPT, KVCache, PRESETS, add_device_args, device_and_dtype
+from templates import TEMPLATES, alpaca_prompt, default_template, prompt_ids
+from tokenizer import bos, corpus_files, document_ids, load_token_folder, read_blocks, read_text
+
 
 DEFAULT_TEXT = "text/the-verdict.txt"  # a short story, downloaded once into the cache
 

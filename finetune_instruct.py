@@ -25,228 +25,43 @@ the same: the same tokens, the same targets (the end token once, padding never),
   model writes after it; AdamW's weight decay applies to matrices only, as in pretrain.py.
 """
 import argparse
-import dataclasses
 import json
 import math
 import shlex
 import shutil
 import sys
-import textwrap
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-import pretrain
-from generate import TextStream, generate, left_pad
+import planner
+from common import (ArgumentParser, RunLock, UserError, atomic_write, clock, non_negative_float, non_negative_int,
+                    positive_float, positive_int, run_stage, side_by_side, writable_folder)
+from data import (Example, IGNORE, collate, default_data, length_grouped_batches, load_entries, make_example,
+                  random_batches, split_entries)
+from download import DownloadError
+from generate import answer
 from load_gpt2 import add_init_args, load_model, model_card, tokenizer_for
 from model import GPT, add_device_args, add_lora, autocast, device_and_dtype, merge_lora, save_checkpoint
-from tokenizer import (ArgumentParser, DownloadError, RunLock, UserError, atomic_write, bos, clock, fetch,
-                       non_negative_float, non_negative_int, positive_float, positive_int, run_stage,
-                       writable_folder)
+from templates import TEMPLATES, Template, default_template, prompt_ids
 
-DATA_RELPATH = "instruct/instruction-data.json"  # the book's 1,100 entries, one of tokenizer.KNOWN_FILES
-SPLIT = (0.85, 0.10)  # train, test fractions; validation gets the rest: 935 / 110 / 55 of the default data
+
 MODEL_FILE, RESPONSES_FILE, METRICS_FILE = "model.pt", "test-responses.json", "metrics.json"
-IGNORE = -100  # targets cross_entropy skips: padding, and the prompt with --mask-prompt
 
 
 # ---------------------------------------------------------------------------------------------------
 # Data: a list of {"instruction", "input", "output"} entries, split as the book splits it
 
-def parse_entries(text: str, source: str) -> list[dict]:
-    """The entries of a JSON list or of JSONL (one object per line), each checked: instruction and output
-    are non-empty strings, input a string (empty, or missing, when there is none). Other fields stay."""
-    if text.lstrip().startswith("["):
-        try:
-            entries, where = json.loads(text), None
-        except json.JSONDecodeError as e:
-            raise UserError(f"{source} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
-    else:  # JSONL
-        entries, where = [], []
-        for number, line in enumerate(text.split("\n"), 1):
-            if line.strip():
-                try:
-                    entries.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{source} line {number} is not a JSON object ({e.msg}); the file should be "
-                                    f"a JSON list or hold one JSON object per line") from None
-                where.append(number)
-    for i, entry in enumerate(entries):
-        name = f"{source} entry {i}" + (f" (line {where[i]})" if where else "")
-        if not isinstance(entry, dict):
-            raise UserError(f"{name} is a JSON {type(entry).__name__}, not an object with instruction, input "
-                            f"and output")
-        if entry.get("input") is None:
-            entry["input"] = ""
-        for field in ("instruction", "input", "output"):
-            if field not in entry:
-                raise UserError(f"{name} has no {field!r}")
-            if not isinstance(entry[field], str):
-                raise UserError(f"{name} has a {type(entry[field]).__name__} as its {field!r}, not a string")
-            if field != "input" and not entry[field].strip():
-                raise UserError(f"{name} has an empty {field!r}")
-    return entries
-
-
-def load_entries(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise UserError(f"--data {path} does not exist" if not path.exists() else f"--data {path} is not a file")
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not valid UTF-8 (bad byte at offset {e.start})") from None
-    entries = parse_entries(text, str(path))
-    if len(entries) < 10:
-        raise UserError(f"{path} holds {len(entries)} entries; splitting into train, test and validation "
-                        f"needs at least 10")
-    return entries
-
-
-def default_data() -> Path:
-    """The book's instruction-data.json, downloaded once into the cache."""
-    try:
-        return fetch(DATA_RELPATH)
-    except DownloadError as e:
-        raise DownloadError(f"{e}; or pass --data with a local copy of instruction-data.json") from None
-
-
-def split_entries(entries: list[dict]) -> dict[str, list[dict]]:
-    """The book's split, unshuffled: the first 85 % train, the next 10 % test, the rest validation."""
-    n_train, n_test = int(len(entries) * SPLIT[0]), int(len(entries) * SPLIT[1])
-    return {"train": entries[:n_train], "test": entries[n_train:n_train + n_test],
-            "val": entries[n_train + n_test:]}
-
 
 # ---------------------------------------------------------------------------------------------------
 # Prompt templates: the text around an entry, as each model family was taught to read it
 
-@dataclasses.dataclass(frozen=True)
-class Template:
-    name: str
-    prompt: Callable[[str, str], str]  # (instruction, input) -> the text the response follows
-    response_end: str  # written after the response, before the end token ('' for most)
-    stops: tuple[str, ...]  # headers that begin another turn: an answer ends before any of them
-    special: bool  # the markers are the tokenizer's special tokens (written as their text, e.g. <|end|>)
-
-
-def alpaca_prompt(instruction: str, input: str) -> str:
-    """The book's format_input, plus the response header its training text adds."""
-    text = ("Below is an instruction that describes a task. Write a response that appropriately completes "
-            f"the request.\n\n### Instruction:\n{instruction}")
-    return text + (f"\n\n### Input:\n{input}" if input else "") + "\n\n### Response:\n"
-
-
-def user_message(instruction: str, input: str) -> str:
-    """One chat turn holding both fields; chat formats have no slot of their own for an input."""
-    return f"{instruction}\n\n{input}" if input else instruction
-
-
-def mistral_prompt(instruction: str, input: str) -> str:
-    # Mistral's v1 format (7B v0.1/v0.2): BOS + encode("[INST] message [/INST]") + encode(answer) + EOS.
-    return f"[INST] {user_message(instruction, input)} [/INST]"
-
-
-def phi3_prompt(instruction: str, input: str) -> str:
-    # Phi-3's chat template: '<|user|>\n' + message + '<|end|>\n', then '<|assistant|>\n' + answer + '<|end|>\n'.
-    return f"<|user|>\n{user_message(instruction, input)}<|end|>\n<|assistant|>\n"
-
-
-TEMPLATES = {
-    "alpaca": Template("alpaca", alpaca_prompt, "", ("### Instruction:", "### Input:", "### Response:"), False),
-    "mistral": Template("mistral", mistral_prompt, "", ("[INST]", "[/INST]"), False),
-    "phi3": Template("phi3", phi3_prompt, "<|end|>\n", ("<|end|>", "<|user|>", "<|assistant|>", "<|system|>",
-                                                         "<|endoftext|>"), True),
-}
-FAMILY_TEMPLATES = {"mistral": "mistral", "phi3": "phi3"}  # model_type -> its own; any other: alpaca
-
-
-def default_template(extra: dict) -> str:
-    """The template a model was finetuned with (our checkpoints record it), else its family's own."""
-    return extra.get("template") or FAMILY_TEMPLATES.get(extra["model_type"], "alpaca")
-
-
-def encode_template_text(tokenizer, text: str, template: Template) -> list[int]:
-    """Text that contains the template's markers: special markers become their special ids."""
-    return tokenizer.encode(text, allowed_special="all") if template.special else tokenizer.encode_ordinary(text)
-
-
-def prompt_ids(tokenizer, template: Template, instruction: str, input: str = "") -> list[int]:
-    return bos(tokenizer) + encode_template_text(tokenizer, template.prompt(instruction, input), template)
-
-
-def stop_ids(tokenizer, template: Template) -> set[int]:
-    """The end token, and each stop header that the tokenizer holds as one special token."""
-    ids = {tokenizer.eos_id}
-    for header in template.stops:
-        special = encode_template_text(tokenizer, header, template)
-        if len(special) == 1 and special != tokenizer.encode_ordinary(header):
-            ids.add(special[0])
-    return ids
-
 
 # ---------------------------------------------------------------------------------------------------
 # Examples and batches
-
-@dataclasses.dataclass
-class Example:
-    ids: list[int]  # prompt + response + end token, cut to --max-length + 1 (inputs and targets of max_length)
-    prompt_len: int  # tokens of the prompt (BOS included)
-
-
-def make_example(tokenizer, template: Template, entry: dict, max_length: int) -> tuple[Example, bool]:
-    """An entry as the model learns it, and whether it was cut to max_length.
-
-    The prompt and the response are encoded separately (as Mistral's own tokenizer does), so the
-    prompt's tokens are exactly those the model answers from later."""
-    prompt = prompt_ids(tokenizer, template, entry["instruction"], entry["input"])
-    response = tokenizer.encode_ordinary(entry["output"])
-    if template.response_end:
-        response += encode_template_text(tokenizer, template.response_end, template)
-    ids = prompt + response + [tokenizer.eos_id]
-    return Example(ids[:max_length + 1], len(prompt)), len(ids) - 1 > max_length
-
-
-def collate(examples: Sequence[Example], pad_id: int, mask_prompt: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and targets (B, T), padded on the right to this batch's longest example.
-
-    Targets are the inputs shifted by one: an example's last target is its end token, and every
-    padding position is IGNORE, so padding never counts in the loss (and, on the right under causal
-    attention, it is never seen by a real token either). mask_prompt also sets IGNORE where the next
-    token is still the prompt's, so only the response (and the end token) is learned."""
-    T = max(len(e.ids) - 1 for e in examples)
-    inputs = torch.full((len(examples), T), pad_id, dtype=torch.long)
-    targets = torch.full((len(examples), T), IGNORE, dtype=torch.long)
-    for row, e in enumerate(examples):
-        ids = torch.tensor(e.ids)
-        inputs[row, :len(ids) - 1] = ids[:-1]
-        targets[row, :len(ids) - 1] = ids[1:]
-        if mask_prompt:
-            targets[row, :e.prompt_len - 1] = IGNORE  # position i predicts token i + 1
-    return inputs, targets
-
-
-def length_grouped_batches(lengths: Sequence[int], batch_size: int, generator: torch.Generator,
-                           pool_batches: int = 32) -> list[list[int]]:
-    """One epoch's batches of example indices, examples of similar length together.
-
-    A fresh random order is cut into pools of pool_batches * batch_size examples; each pool is sorted
-    by length and cut into batches; then the batches are shuffled. Every example is seen once per
-    epoch in a random batch of its pool, and a batch holds little padding (on the default data, 1.4 %
-    of its tokens against 23 % for random batches)."""
-    order = torch.randperm(len(lengths), generator=generator).tolist()
-    batches = []
-    for start in range(0, len(order), pool_batches * batch_size):
-        pool = sorted(order[start:start + pool_batches * batch_size], key=lambda i: lengths[i])
-        batches += [pool[i:i + batch_size] for i in range(0, len(pool), batch_size)]
-    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
-
-
-def random_batches(n: int, batch_size: int, generator: torch.Generator) -> list[list[int]]:
-    order = torch.randperm(n, generator=generator).tolist()
-    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -359,57 +174,6 @@ def fit(model: GPT, splits: dict[str, list[Example]], args: argparse.Namespace, 
 
 # ---------------------------------------------------------------------------------------------------
 # Answers: KV-cached, batched, greedy by default
-
-@torch.no_grad()
-def answer(model: GPT, prompts: Sequence[Sequence[int]], tokenizer, template: Template, *,
-           max_new_tokens: int, batch_size: int, device: torch.device, dtype: torch.dtype,
-           temperature: float = 0.0, top_k: int | None = None, generator: torch.Generator | None = None,
-           on_text: Callable[[int, str], None] | None = None) -> list[str]:
-    """The model's answer to each prompt (token ids, BOS included), in the prompts' order.
-
-    Prompts are answered in batches of similar length, left-padded (generate gives each row exactly
-    the tokens it would get alone). An answer ends at the end token, at a header of the template
-    (another turn beginning), or after max_new_tokens (fewer when the context runs out; a prompt
-    longer than the context keeps its last tokens). on_text(i, piece) receives the text of prompt i
-    as it becomes final (for streaming)."""
-    model.eval()
-    block_size = model.config.block_size
-    stops = stop_ids(tokenizer, template)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    answers = [""] * len(prompts)
-    for start in range(0, len(order), batch_size):
-        index = order[start:start + batch_size]
-        ids, mask = left_pad([list(prompts[i])[-(block_size - 1):] for i in index], tokenizer.eos_id, device)
-        streams = [TextStream(tokenizer.decode, template.stops) for _ in index]
-        done = [False] * len(index)
-        with autocast(device, dtype):
-            for tokens in generate(model, ids, min(max_new_tokens, block_size - ids.size(1)), temperature=temperature,
-                                   top_k=top_k, generator=generator, attention_mask=mask):
-                for row, token in enumerate(tokens.tolist()):
-                    if done[row]:
-                        continue
-                    if token in stops:
-                        done[row] = True
-                        continue
-                    piece = streams[row].push(token)
-                    done[row] = streams[row].stopped
-                    if on_text and piece:
-                        on_text(index[row], piece)
-                if all(done):
-                    break  # the rows that are left have all ended: stop decoding
-        for row, i in enumerate(index):
-            piece = streams[row].flush()  # '' after a stop string
-            if on_text and piece:
-                on_text(i, piece)
-            answers[i] = streams[row].text.strip()
-    return answers
-
-
-def side_by_side(left: str, right: str, titles: tuple[str, str], width: int) -> str:
-    """Two texts in two columns of width characters each, wrapped."""
-    columns = [[title] + textwrap.wrap(text, width) for title, text in zip(titles, (left, right))]
-    rows = max(len(c) for c in columns)
-    return "\n".join(f"  {a:<{width}}  | {b}" for a, b in zip(*(c + [""] * (rows - len(c)) for c in columns)))
 
 
 def show_examples(entries: list[dict], n: int = 3) -> None:
@@ -686,7 +450,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def plan_main(args: argparse.Namespace) -> dict:
     """--plan: the model's config without its weights; with --trainable lora only the adapters train."""
-    config, what = pretrain.init_config(args.init, args.preset)
+    config, what = planner.init_config(args.init, args.preset)
     trainable = None
     if args.trainable == "lora":
         with torch.device("meta"):  # shapes only
@@ -694,10 +458,10 @@ def plan_main(args: argparse.Namespace) -> dict:
         model.requires_grad_(False)
         add_lora(model, args.lora_rank, args.lora_alpha)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    plan = pretrain.make_plan(config, batch_size=args.batch_size, block_size=args.max_length or config.block_size,
+    plan = planner.make_plan(config, batch_size=args.batch_size, block_size=args.max_length or config.block_size,
                               dtype_name=args.dtype, device=device_and_dtype(args.device, args.dtype)[0],
                               trainable_params=trainable, what=what)
-    return pretrain.report_plan(plan, args.out_dir)
+    return planner.report_plan(plan, args.out_dir)
 
 
 def main(args: argparse.Namespace) -> dict:

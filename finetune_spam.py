@@ -31,11 +31,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common import (ArgumentParser, RunLock, UserError, atomic_write, clock, non_negative_float, positive_float,
+                    positive_int, run_stage, writable_folder)
+from download import DownloadError, SMS_SPAM_SHA256, cache_dir, fetch
 from load_gpt2 import add_init_args, load_model, model_card, tokenizer_for
-from model import (GPT, add_device_args, add_lora, autocast, device_and_dtype,
-                   merge_lora, save_checkpoint)
-from tokenizer import (SMS_SPAM_SHA256, ArgumentParser, DownloadError, RunLock, UserError, atomic_write, bos, cache_dir,
-                       clock, fetch, non_negative_float, positive_float, positive_int, run_stage, writable_folder)
+from model import GPT, add_device_args, add_lora, autocast, device_and_dtype, merge_lora, save_checkpoint
+from tokenizer import bos
+
 
 LABELS = ("ham", "spam")  # class index = position: 0 ham, 1 spam (the positive class)
 SMS_MEMBER = "SMSSpamCollection"  # the one member we take from the UCI zip

@@ -22,10 +22,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common import (ArgumentParser, UserError, non_negative_float, non_negative_int, positive_float, positive_int,
+                    run_stage)
 from load_gpt2 import add_init_args, load_model, tokenizer_for
-from model import GPT, KVCache, add_device_args, device_and_dtype, missing_compiler
-from tokenizer import (ArgumentParser, UserError, bos, non_negative_float, non_negative_int, positive_float,
-                       positive_int, run_stage)
+from model import GPT, KVCache, add_device_args, autocast, device_and_dtype, missing_compiler
+from templates import Template, stop_ids
+from tokenizer import bos
+
 
 DEFAULT_NEW_TOKENS = 100  # without --max-new-tokens: this many, or what the context leaves after the prompt
 
@@ -566,3 +569,48 @@ def main(args: argparse.Namespace) -> dict:
 
 if __name__ == "__main__":
     run_stage(main, parse_args)
+
+
+@torch.no_grad()
+def answer(model: GPT, prompts: Sequence[Sequence[int]], tokenizer, template: Template, *,
+           max_new_tokens: int, batch_size: int, device: torch.device, dtype: torch.dtype,
+           temperature: float = 0.0, top_k: int | None = None, generator: torch.Generator | None = None,
+           on_text: Callable[[int, str], None] | None = None) -> list[str]:
+    """The model's answer to each prompt (token ids, BOS included), in the prompts' order.
+
+    Prompts are answered in batches of similar length, left-padded (generate gives each row exactly
+    the tokens it would get alone). An answer ends at the end token, at a header of the template
+    (another turn beginning), or after max_new_tokens (fewer when the context runs out; a prompt
+    longer than the context keeps its last tokens). on_text(i, piece) receives the text of prompt i
+    as it becomes final (for streaming)."""
+    model.eval()
+    block_size = model.config.block_size
+    stops = stop_ids(tokenizer, template)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    answers = [""] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        index = order[start:start + batch_size]
+        ids, mask = left_pad([list(prompts[i])[-(block_size - 1):] for i in index], tokenizer.eos_id, device)
+        streams = [TextStream(tokenizer.decode, template.stops) for _ in index]
+        done = [False] * len(index)
+        with autocast(device, dtype):
+            for tokens in generate(model, ids, min(max_new_tokens, block_size - ids.size(1)), temperature=temperature,
+                                   top_k=top_k, generator=generator, attention_mask=mask):
+                for row, token in enumerate(tokens.tolist()):
+                    if done[row]:
+                        continue
+                    if token in stops:
+                        done[row] = True
+                        continue
+                    piece = streams[row].push(token)
+                    done[row] = streams[row].stopped
+                    if on_text and piece:
+                        on_text(index[row], piece)
+                if all(done):
+                    break  # the rows that are left have all ended: stop decoding
+        for row, i in enumerate(index):
+            piece = streams[row].flush()  # '' after a stop string
+            if on_text and piece:
+                on_text(i, piece)
+            answers[i] = streams[row].text.strip()
+    return answers

@@ -36,11 +36,13 @@ import numpy as np
 import requests
 import torch
 
+from common import ArgumentParser, UserError, positive_int, run_stage
+from download import (DownloadError, GPT2_ENCODER_SHA256, GPT2_VOCAB_SHA256, HUB_URL, KNOWN_FILES, MISTRAL_REPO,
+                      cache_dir, download, fetch, hub_headers)
 from model import (GPT, GPTConfig, PRESETS, add_device_args, checkpoint_kind, device_and_dtype, get_config,
                    load_checkpoint, unwrap)
-from tokenizer import (GPT2_ENCODER_SHA256, GPT2_VOCAB_SHA256, HUB_URL, KNOWN_FILES, MISTRAL_REPO, ArgumentParser,
-                       DownloadError, UserError, bos, cache_dir, download, fetch, get_tokenizer, hub_headers,
-                       load_tokenizer, positive_int, run_stage)
+from tokenizer import bos, get_tokenizer, load_tokenizer
+
 
 # ---------------------------------------------------------------------------------------------------
 # Safetensors, read and written with numpy. The format: an 8-byte little-endian header length N,

@@ -15,15 +15,12 @@ command line.
 import argparse
 import functools
 import glob
-import hashlib
 import heapq
 import json
 import math
 import os
 import re
 import struct
-import sys
-import tempfile
 import time
 import unicodedata
 from collections import Counter, defaultdict
@@ -33,18 +30,13 @@ from typing import Literal
 
 import numpy as np
 import regex
-import requests
 import tiktoken
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-
-class UserError(Exception):
-    """A mistake the user can fix (bad path, bad flag value, missing file); the message is one sentence."""
-
-
-class DownloadError(UserError):
-    """A file could not be downloaded or did not verify."""
+from common import (ArgumentParser, ProgressLine, RunLock, UserError, _number_flag, atomic_write, positive_int,
+                    run_stage, unit_interval, writable_file, writable_folder)
+from download import MISTRAL_REPO, fetch
 
 
 # ----------------------------------------------------------------------------------------------
@@ -52,357 +44,9 @@ class DownloadError(UserError):
 # ours), so the rules every stage shares live here: flags checked when parsed, one sentence and
 # exit 1 for a user's mistake, 130 on Ctrl-C, files replaced atomically, run folders locked.
 
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse with two house rules: every -h shows the defaults, and a bad flag raises UserError
-    (one line on stderr and exit 1, through run_stage) instead of printing the usage and exiting 2."""
-
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message: str):
-        raise UserError(f"{message} (see: python {self.prog} --help)")
-
-
-def _number_flag(convert, test, wanted: str):
-    """An argparse type: text -> number, refused (naming the flag, through argparse) unless test holds."""
-    def parse(text: str):
-        try:
-            value = convert(text)
-        except ValueError:
-            value = None
-        if value is None or (isinstance(value, float) and not math.isfinite(value)) or not test(value):
-            raise argparse.ArgumentTypeError(f"{text!r} is not {wanted}")
-        return value
-    parse.__name__ = wanted  # argparse names the type in some messages
-    return parse
-
-
-positive_int = _number_flag(int, lambda v: v >= 1, "a whole number of at least 1")
-non_negative_int = _number_flag(int, lambda v: v >= 0, "a whole number of at least 0")
-positive_float = _number_flag(float, lambda v: v > 0, "a finite number above 0")
-non_negative_float = _number_flag(float, lambda v: v >= 0, "a finite number of at least 0")
-unit_interval = _number_flag(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
-
-
-def clock(seconds: float) -> str:
-    """A duration as h:mm:ss, for progress lines' ETAs and run times."""
-    s = round(seconds)
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
-
-
-def describe_os_error(e: OSError) -> str:
-    """An OSError as a short phrase that names the file: 'out/x: Permission denied'."""
-    where = f"{e.filename}: " if e.filename else ""
-    return f"{where}{e.strerror or type(e).__name__}"
-
-
-def run_stage(main, parse_args) -> None:
-    """Run a stage script, main(parse_args()), and end it the one way every stage ends.
-
-    A UserError (a bad flag, a missing file) or an OSError (a disk full, a folder not writable) prints
-    one line, `error: <sentence>`, and exits 1, never a traceback; Ctrl-C exits 130, as does a run
-    whose result says it was interrupted (after saving what it had). Under torchrun only rank 0
-    prints: every process meets the same error. Anything else is a bug and keeps its traceback."""
-    speaks = os.environ.get("RANK", "0") == "0"
-    try:
-        result = main(parse_args())
-    except UserError as e:
-        sys.exit(f"error: {' '.join(str(e).split())}" if speaks else 1)
-    except BrokenPipeError:  # the reader went away (`| head`): not an error worth a message
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(1)
-    except OSError as e:
-        sys.exit(f"error: {describe_os_error(e)}" if speaks else 1)
-    except KeyboardInterrupt:
-        if speaks:
-            print("\ninterrupted", file=sys.stderr)
-        sys.exit(130)
-    if isinstance(result, dict) and result.get("interrupted"):
-        sys.exit(130)  # the shell's convention for "stopped by Ctrl-C"
-
-
-def atomic_write(path: str | Path, data: str | bytes) -> Path:
-    """Write data to path through a temporary file and a rename: a crash leaves the old file or the
-    new one, never half of one. Text is written as UTF-8."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def writable_folder(path: str | Path, flag: str = "--out-dir") -> Path:
-    """Create the folder if needed and check that files can be written in it, before any work starts;
-    UserError naming the flag otherwise (a run should not find out after an hour of training)."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"{flag} {path} is a file, not a folder; name a folder")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as e:
-        raise UserError(f"{flag} {path} is not a writable folder ({e.strerror or e}); name another one") from None
-    return path
-
-
-class RunLock:
-    """A run folder's lock, held while a run writes there: a second run into the same folder stops at
-    once, naming the running one, instead of interleaving its files with the first run's.
-
-    The lock is an OS file lock (flock) on OUT_DIR/.lock, which the OS drops when its process dies,
-    so a lock left by a killed run is simply taken over; the file records who holds it, for messages,
-    and is removed when the run ends normally."""
-
-    def __init__(self, folder: str | Path):
-        self.path = Path(folder) / ".lock"
-        self.file = None
-
-    def __enter__(self) -> "RunLock":
-        try:
-            self.file = open(self.path, "a+")
-        except OSError as e:
-            raise UserError(f"cannot create the lock {self.path} ({e.strerror or e})") from None
-        self.file.seek(0)
-        previous = self.file.read().strip()
-        if not _try_lock(self.file):
-            self.file.close()
-            self.file = None
-            holder = f" ({previous})" if previous else ""
-            raise UserError(f"{self.path.parent} is in use by another run{holder}; wait for it to finish, stop it, "
-                            f"or choose another --out-dir")
-        if previous:
-            print(f"note: taking over {self.path}, left by a run that ended without releasing it ({previous})",
-                  file=sys.stderr)
-        self.file.seek(0)
-        self.file.truncate()
-        self.file.write(f"pid {os.getpid()} on {_hostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: "
-                        f"{' '.join(sys.argv)}")
-        self.file.flush()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.file is not None:
-            self.path.unlink(missing_ok=True)  # released properly: nothing left behind to report
-            self.file.close()  # closing drops the OS lock
-            self.file = None
-
-
-def _try_lock(file) -> bool:
-    """Take an exclusive, non-blocking OS lock on an open file; False if another process holds it."""
-    try:
-        import fcntl
-        try:
-            fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        return True
-    except ImportError:  # Windows
-        import msvcrt
-        try:
-            msvcrt.locking(file.fileno(), msvcrt.LK_NBLCK, 1)
-        except OSError:
-            return False
-        return True
-
-
-def _hostname() -> str:
-    import socket
-    return socket.gethostname()
-
 
 # ----------------------------------------------------------------------------------------------
 # Downloads: one cache folder, one helper
-
-CACHE_ENV = "LLM_CACHE_DIR"
-
-GPT2_ENCODER_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json"
-GPT2_ENCODER_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
-GPT2_VOCAB_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe"
-GPT2_VOCAB_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
-TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-TINYSHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-THE_VERDICT_URL = (
-    "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch02/01_main-chapter-code/the-verdict.txt"
-)
-THE_VERDICT_SHA256 = "b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f"
-SMS_SPAM_ZIP_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
-# the zip's hash is not published; this is the hash of its member SMSSpamCollection once extracted
-SMS_SPAM_SHA256 = "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d"
-
-INSTRUCTION_DATA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/"
-                        "instruction-data.json")
-INSTRUCTION_DATA_SHA256 = "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944"
-# Hugging Face Hub files live under hf/<repo>/<file> in the cache, whichever stage fetches them.
-HUB_URL = "https://huggingface.co/{repo}/resolve/main/{filename}"
-MISTRAL_REPO = "mistralai/Mistral-7B-v0.1"  # gated: the Hub asks for an access token (HF_TOKEN)
-MISTRAL_TOKENIZER_SHA256 = "dadfd56d766715c61d2ef780a525ab43b8e6da4de6865bda3d95fdef5e134055"
-HF_TOKEN_ENV = "HF_TOKEN"
-
-# path under cache_dir() -> (url, sha256 or None): the files any stage may fetch by name
-KNOWN_FILES: dict[str, tuple[str, str | None]] = {
-    "instruct/instruction-data.json": (INSTRUCTION_DATA_URL, INSTRUCTION_DATA_SHA256),
-    f"hf/{MISTRAL_REPO}/tokenizer.model": (HUB_URL.format(repo=MISTRAL_REPO, filename="tokenizer.model"),
-                                           MISTRAL_TOKENIZER_SHA256),
-    "gpt2/encoder.json": (GPT2_ENCODER_URL, GPT2_ENCODER_SHA256),
-    "gpt2/vocab.bpe": (GPT2_VOCAB_URL, GPT2_VOCAB_SHA256),
-    "text/tinyshakespeare.txt": (TINYSHAKESPEARE_URL, TINYSHAKESPEARE_SHA256),
-    "text/the-verdict.txt": (THE_VERDICT_URL, THE_VERDICT_SHA256),
-    "sms_spam/sms_spam_collection.zip": (SMS_SPAM_ZIP_URL, None),
-}
-
-PROGRESS_MIN_BYTES = 1_000_000  # downloads at least this large (or of unknown size) show a progress line
-
-
-def cache_dir() -> Path:
-    """The one folder for everything downloaded: $LLM_CACHE_DIR, else ~/.cache/llm-lifecycle."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "llm-lifecycle")
-
-
-class ProgressLine:
-    """One status line on stderr, rewritten in place at most every `interval` seconds.
-
-    Shows done / total MB, percent and MB/s; `extra` appends a stage-specific note (e.g. tokens)."""
-
-    def __init__(self, label: str, total: int | None = None, interval: float = 0.5):
-        self.label, self.total, self.interval = label, total, interval
-        self.start = self.last = time.perf_counter()
-        self.done, self.extra = 0, ""
-
-    def update(self, done: int, extra: str = "", force: bool = False) -> None:
-        self.done, self.extra = done, extra
-        now = time.perf_counter()
-        if force or now - self.last >= self.interval:
-            self.last = now
-            rate = done / 1e6 / max(now - self.start, 1e-9)
-            total = f" / {self.total / 1e6:.1f} MB ({100 * done / max(self.total, 1):3.0f}%)" if self.total else " MB"
-            print(f"\r{self.label}: {done / 1e6:9.1f}{total} {rate:7.1f} MB/s {extra}", end="", file=sys.stderr)
-
-    def close(self) -> None:
-        self.update(self.done, self.extra, force=True)
-        print(file=sys.stderr)
-
-
-def _file_problem(path: Path, sha256: str | None, size: int | None) -> str | None:
-    """Why the file at `path` fails its check, or None when it passes (hash first, else size)."""
-    if sha256 is not None:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            while block := f.read(1 << 20):
-                digest.update(block)
-        if digest.hexdigest() != sha256:
-            return f"its sha256 is {digest.hexdigest()}, expected {sha256}"
-    elif size is not None and path.stat().st_size != size:
-        return f"it has {path.stat().st_size} bytes, expected {size}"
-    return None
-
-
-def hub_headers() -> dict[str, str]:
-    """The Hugging Face Hub's access token from $HF_TOKEN, as a request header; {} without one.
-
-    Gated repos (Mistral's, Meta's Llama) serve their files only to accounts that accepted the
-    licence on the repo's page, identified by such a token."""
-    token = os.environ.get(HF_TOKEN_ENV, "").strip()
-    return {"Authorization": f"Bearer {token}"} if token else {}
-
-
-def _request_problem(e: requests.RequestException) -> str:
-    """A short reason for a failed request (requests' own messages run over several lines)."""
-    if isinstance(e, requests.HTTPError) and e.response.status_code in (401, 403):
-        token = "the token in $HF_TOKEN was refused" if os.environ.get(HF_TOKEN_ENV) else "no $HF_TOKEN is set"
-        return (f"the server refused access (HTTP {e.response.status_code}; {token}): a gated Hugging Face repo "
-                f"needs its licence accepted on its page and HF_TOKEN set to an access token of that account")
-    if isinstance(e, requests.HTTPError):
-        return f"the server answered HTTP {e.response.status_code}"
-    if isinstance(e, requests.Timeout):
-        return "the server did not answer in time"
-    if isinstance(e, requests.exceptions.ChunkedEncodingError):
-        return "the transfer was cut off"
-    if isinstance(e, requests.ConnectionError):
-        return "no connection to the server"
-    return type(e).__name__
-
-
-def _stream(url: str, f, label: str, headers: dict[str, str] | None = None) -> tuple[int, int | None]:
-    """Write the body of `url` to the open file `f`; returns (bytes received, Content-Length or None)."""
-    # identity encoding: Content-Length is then the file's size, which tells a cut-off transfer
-    headers = {"Accept-Encoding": "identity", **(headers or {})}
-    with requests.get(url, stream=True, timeout=(10, 60), headers=headers) as response:
-        response.raise_for_status()
-        length = response.headers.get("Content-Length")
-        expected = int(length) if length is not None and length.isdigit() else None
-        progress = ProgressLine(label, expected) if expected is None or expected >= PROGRESS_MIN_BYTES else None
-        got = 0
-        try:
-            for block in response.iter_content(chunk_size=1 << 20):
-                f.write(block)
-                got += len(block)
-                if progress:
-                    progress.update(got)
-        finally:
-            if progress:
-                progress.close()  # ends the line, also when the transfer fails
-    return got, expected
-
-
-def download(url: str, relpath: str, *, sha256: str | None = None, size: int | None = None,
-             cache: Path | None = None, headers: dict[str, str] | None = None) -> Path:
-    """Fetch `url` once into cache/relpath and return that path (headers: e.g. an access token).
-
-    A cached file that verifies (sha256 when known, else size) is returned without touching the
-    network; a cached file that fails its check is fetched again. The body streams into a temporary
-    file next to the destination, which is renamed into place only when complete and verified, so
-    an interrupted download never leaves a file that looks finished."""
-    dest = Path(cache if cache is not None else cache_dir()) / relpath
-    if dest.is_file():
-        problem = _file_problem(dest, sha256, size)
-        if problem is None:
-            return dest
-        print(f"cached {dest} failed its check ({problem}); downloading it again", file=sys.stderr)
-
-    def failure(reason: str) -> DownloadError:
-        return DownloadError(f"could not download {url} to {dest} ({reason}); check your network "
-                             f"connection, or download the file by hand and save it as {dest}")
-
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    except OSError as e:
-        raise failure(f"cannot write to {dest.parent}: {e.strerror}") from None
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            got, expected = _stream(url, f, f"downloading {dest.name}", headers)
-        if expected is not None and got != expected:
-            raise failure(f"the transfer ended after {got} of {expected} bytes")
-        problem = _file_problem(tmp, sha256, size)
-        if problem is not None:
-            raise failure(f"the downloaded file fails its check: {problem}")
-        os.chmod(tmp, 0o644)  # mkstemp made it private to us; a cached download is an ordinary file
-        os.replace(tmp, dest)
-    except requests.RequestException as e:
-        raise failure(_request_problem(e)) from None
-    except OSError as e:
-        raise failure(f"cannot write {tmp}: {e.strerror}") from None
-    finally:
-        tmp.unlink(missing_ok=True)  # a no-op after the rename; otherwise nothing half-written stays
-    return dest
-
-
-def fetch(relpath: str, cache: Path | None = None) -> Path:
-    """download() one of KNOWN_FILES by its cache path, e.g. fetch("text/tinyshakespeare.txt")."""
-    if relpath not in KNOWN_FILES:
-        raise UserError(f"unknown file {relpath!r}; known files are {', '.join(KNOWN_FILES)}")
-    url, sha256 = KNOWN_FILES[relpath]
-    headers = hub_headers() if url.startswith("https://huggingface.co/") else None
-    return download(url, relpath, sha256=sha256, cache=cache, headers=headers)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2333,20 +1977,6 @@ def show_tokenizer(tok, text: str, special: bool) -> dict:
     print(f"decoded: {decoded!r}")
     print(f"{type(tok).__name__}: {tok.n_vocab:,} tokens; bos_id {tok.bos_id}, eos_id {tok.eos_id}")
     return {"text": text, "ids": ids, "pieces": pieces, "decoded": decoded}
-
-
-def writable_file(path: Path, flag: str) -> Path:
-    """Check, before any work, that a file can be written at path (creating its folder); UserError
-    naming the flag otherwise."""
-    if path.is_dir():
-        raise UserError(f"{flag} {path} is a folder; name a file")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path.parent):
-            pass
-    except OSError as e:
-        raise UserError(f"{flag} {path} cannot be written ({e.strerror or e}); choose another place") from None
-    return path
 
 
 def train_command(args: argparse.Namespace) -> dict:

@@ -29,7 +29,9 @@ import bench_parts.load as load_bench  # noqa: E402
 import bench_parts.spam as spam_bench  # noqa: E402
 import bench_parts.tokenizer as tokenizer_bench  # noqa: E402
 import bench_parts.train as train_bench  # noqa: E402
-from tokenizer import UserError  # noqa: E402
+
+from tokenizer import UserError
+
 
 
 def gpu(args: argparse.Namespace) -> list[dict]:

@@ -28,11 +28,14 @@ import numpy as np
 import pytest
 import torch
 
+
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(REPO))
 
-import tokenizer  # noqa: E402  (after the path is set)
+import common  # noqa: E402  (after the path is set)
+import download  # noqa: E402
 
 # cache path -> its copy under ../shared/data: the cache layout of the project's download code
 SEED_FILES = {
@@ -47,7 +50,7 @@ SEED_FILES = {
 
 
 def _user_cache() -> Path:
-    return Path(os.environ.get(tokenizer.CACHE_ENV) or Path.home() / ".cache" / "llm-lifecycle")
+    return Path(os.environ.get(download.CACHE_ENV) or Path.home() / ".cache" / "llm-lifecycle")
 
 
 def _download(relpath: str) -> None:
@@ -56,7 +59,7 @@ def _download(relpath: str) -> None:
         import finetune_spam  # the zip is fetched and its member extracted and checked there
         finetune_spam.default_data()
     else:
-        tokenizer.fetch(relpath)
+        download.fetch(relpath)
 
 
 def pytest_configure(config):
@@ -68,8 +71,8 @@ def offline_cache(tmp_path_factory) -> Path:
     """Point LLM_CACHE_DIR at a fresh folder holding every file in SEED_FILES that can be had."""
     user_cache = _user_cache()
     cache = tmp_path_factory.mktemp("llm_cache")
-    old = os.environ.get(tokenizer.CACHE_ENV)
-    os.environ[tokenizer.CACHE_ENV] = str(cache)
+    old = os.environ.get(download.CACHE_ENV)
+    os.environ[download.CACHE_ENV] = str(cache)
     missing = {}
     for relpath, shared in SEED_FILES.items():
         target = cache / relpath
@@ -81,14 +84,14 @@ def offline_cache(tmp_path_factory) -> Path:
         else:
             try:
                 _download(relpath)
-            except tokenizer.UserError as e:
+            except common.UserError as e:
                 missing[relpath] = str(e)
     MISSING.update(missing)
     yield cache
     if old is None:
-        os.environ.pop(tokenizer.CACHE_ENV, None)
+        os.environ.pop(download.CACHE_ENV, None)
     else:
-        os.environ[tokenizer.CACHE_ENV] = old
+        os.environ[download.CACHE_ENV] = old
 
 
 MISSING: dict[str, str] = {}  # cache path -> why it could not be had, filled once per session
@@ -114,7 +117,7 @@ def _skip_on_download_error():
     """A download that fails inside a test or its fixtures means a file this machine cannot have."""
     try:
         return (yield)
-    except tokenizer.DownloadError as e:
+    except download.DownloadError as e:
         pytest.skip(f"needs a file that cannot be downloaded here: {e}")
 
 
@@ -136,7 +139,7 @@ def run_in_process(script: str, argv: list[str], capsys) -> tuple[int, str, str]
     previous = signal.signal(signal.SIGALRM, too_slow)
     signal.alarm(60)
     try:
-        tokenizer.run_stage(module.main, lambda: module.parse_args(argv))
+        common.run_stage(module.main, lambda: module.parse_args(argv))
         code = 0
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1

@@ -8,8 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from tokenizer import (GPTDataset, UserError, bos, create_dataloader, get_tokenizer, load_token_folder, load_tokenizer,
+from common import UserError
+from tokenizer import (GPTDataset, bos, create_dataloader, get_tokenizer, load_token_folder, load_tokenizer,
                        load_tokens, prepare_corpus, read_text, sample_windows)
+
+
 
 FIXTURES = Path(__file__).parent / "fixtures" / "tokenizers"
 
@@ -197,7 +200,7 @@ def test_prepare_with_another_tokenizer_gives_bos_ids_eos_per_document(tmp_path,
 
 @pytest.mark.needs_files("hf/mistralai/Mistral-7B-v0.1/tokenizer.model", "text/tinyshakespeare.txt")
 def test_prepare_with_mistrals_tokenizer_in_small_blocks(tmp_path, offline_cache):
-    from tokenizer import fetch
+    from download import fetch
     tok = load_tokenizer(fetch("hf/mistralai/Mistral-7B-v0.1/tokenizer.model"))
     text = read_text(offline_cache / "text" / "tinyshakespeare.txt")[:200_000]
     (tmp_path / "s.txt").write_text(text, encoding="utf-8")

@@ -6,7 +6,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from tokenizer import DownloadError, download
+from download import DownloadError, download
+
+
 
 BODY = b"exactly these bytes\n" * 100
 BIG = bytes(range(256)) * 5000  # 1.28 MB: large enough for a progress line

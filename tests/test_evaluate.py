@@ -19,9 +19,12 @@ import torch.nn.functional as F
 import evaluate as ev
 import tokenizer as tokenizer_module
 from conftest import REPO
-from finetune_instruct import TEMPLATES, prompt_ids
+
+from common import UserError, run_stage
 from model import GPT, get_config, save_checkpoint
-from tokenizer import UserError, get_tokenizer, prepare_corpus, run_stage
+from templates import TEMPLATES, prompt_ids
+from tokenizer import get_tokenizer, prepare_corpus
+
 
 pytestmark = pytest.mark.needs_files("gpt2/encoder.json", "gpt2/vocab.bpe")
 FIXTURES = Path(__file__).resolve().parent / "fixtures"

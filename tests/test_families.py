@@ -15,12 +15,14 @@ import pytest
 import torch
 
 import finetune_spam as fs
-import load_gpt2
 import model as M
 from fixtures.hub_config import hub_layout
+
+import load_gpt2
+from common import UserError
 from generate import generate, left_pad
 from load_gpt2 import export_hf, load_model, load_pretrained
-from tokenizer import UserError
+
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "tests" / "fixtures"

@@ -11,11 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
+import data
 import finetune_instruct as fi
 import generate
+import templates
+from common import RunLock, UserError, run_stage
+from download import DownloadError
 from load_gpt2 import load_model, tokenizer_for
 from model import PRESETS, load_checkpoint
-from tokenizer import DownloadError, RunLock, UserError, get_tokenizer, run_stage
+from tokenizer import get_tokenizer
+
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.needs_files("gpt2/encoder.json", "gpt2/vocab.bpe")
@@ -53,9 +58,9 @@ def tiny_model():
 
 @pytest.mark.needs_files("instruct/instruction-data.json")
 def test_default_data_splits_as_the_book_935_110_55():
-    splits = fi.split_entries(fi.load_entries(fi.default_data()))
+    splits = data.split_entries(data.load_entries(data.default_data()))
     assert [len(splits[k]) for k in ("train", "test", "val")] == [935, 110, 55]
-    entries = json.loads(fi.default_data().read_text())
+    entries = json.loads(data.default_data().read_text())
     assert splits["train"][0] == entries[0] and splits["test"][0] == entries[935] and splits["val"][0] == entries[1045]
 
 
@@ -64,8 +69,8 @@ def test_jsonl_reads_like_json_and_a_missing_input_is_empty(tmp_path):
     del entries[0]["input"]
     (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(e) for e in entries) + "\n\n")
     (tmp_path / "a.json").write_text(json.dumps(entries))
-    assert fi.load_entries(tmp_path / "a.jsonl") == fi.load_entries(tmp_path / "a.json")
-    assert fi.load_entries(tmp_path / "a.json")[0]["input"] == ""
+    assert data.load_entries(tmp_path / "a.jsonl") == data.load_entries(tmp_path / "a.json")
+    assert data.load_entries(tmp_path / "a.json")[0]["input"] == ""
 
 
 BAD_DATA = [  # (file content, what the one sentence must say)
@@ -86,15 +91,15 @@ def test_a_bad_data_file_is_one_sentence_naming_the_entry(tmp_path, content, mes
     path = tmp_path / "bad.json"
     path.write_text(content)
     with pytest.raises(UserError, match=message):
-        fi.load_entries(path)
+        data.load_entries(path)
 
 
 def test_missing_and_non_utf8_data_files(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
-        fi.load_entries(tmp_path / "nothing.json")
+        data.load_entries(tmp_path / "nothing.json")
     (tmp_path / "latin1.json").write_bytes(b'[{"instruction": "caf\xe9"}]')
     with pytest.raises(UserError, match="not valid UTF-8"):
-        fi.load_entries(tmp_path / "latin1.json")
+        data.load_entries(tmp_path / "latin1.json")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -103,53 +108,53 @@ def test_missing_and_non_utf8_data_files(tmp_path):
 def test_alpaca_prompt_is_the_books_format_plus_the_response_header():
     book = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
             "request.\n\n### Instruction:\nAdd the numbers.\n\n### Input:\n2 and 3")
-    assert fi.alpaca_prompt("Add the numbers.", "2 and 3") == book + "\n\n### Response:\n"
-    assert "### Input" not in fi.alpaca_prompt("Name a color.", "")
+    assert templates.alpaca_prompt("Add the numbers.", "2 and 3") == book + "\n\n### Response:\n"
+    assert "### Input" not in templates.alpaca_prompt("Name a color.", "")
 
 
 def test_chat_templates_follow_the_models_own_formats():
-    assert fi.mistral_prompt("Add the numbers.", "2 and 3") == "[INST] Add the numbers.\n\n2 and 3 [/INST]"
-    assert fi.phi3_prompt("Say hello.", "") == "<|user|>\nSay hello.<|end|>\n<|assistant|>\n"
-    assert fi.default_template({"model_type": "mistral", "tokenizer": "x"}) == "mistral"
-    assert fi.default_template({"model_type": "phi3", "tokenizer": "x"}) == "phi3"
-    assert fi.default_template({"model_type": "gpt2", "tokenizer": "gpt2"}) == "alpaca"
-    assert fi.default_template({"model_type": "mistral", "tokenizer": "x", "template": "alpaca"}) == "alpaca"
+    assert templates.mistral_prompt("Add the numbers.", "2 and 3") == "[INST] Add the numbers.\n\n2 and 3 [/INST]"
+    assert templates.phi3_prompt("Say hello.", "") == "<|user|>\nSay hello.<|end|>\n<|assistant|>\n"
+    assert templates.default_template({"model_type": "mistral", "tokenizer": "x"}) == "mistral"
+    assert templates.default_template({"model_type": "phi3", "tokenizer": "x"}) == "phi3"
+    assert templates.default_template({"model_type": "gpt2", "tokenizer": "gpt2"}) == "alpaca"
+    assert templates.default_template({"model_type": "mistral", "tokenizer": "x", "template": "alpaca"}) == "alpaca"
 
 
 def test_an_example_is_prompt_response_and_the_end_token():
-    tok, template = get_tokenizer(), fi.TEMPLATES["alpaca"]
-    example, cut = fi.make_example(tok, template, FACTS[1], max_length=1024)
-    prompt = tok.encode_ordinary(fi.alpaca_prompt(FACTS[1]["instruction"], FACTS[1]["input"]))
+    tok, template = get_tokenizer(), templates.TEMPLATES["alpaca"]
+    example, cut = data.make_example(tok, template, FACTS[1], max_length=1024)
+    prompt = tok.encode_ordinary(templates.alpaca_prompt(FACTS[1]["instruction"], FACTS[1]["input"]))
     assert example.ids == prompt + tok.encode_ordinary("5") + [50256] and example.prompt_len == len(prompt)
     assert not cut
-    short, cut = fi.make_example(tok, template, FACTS[1], max_length=10)
+    short, cut = data.make_example(tok, template, FACTS[1], max_length=10)
     assert cut and short.ids == example.ids[:11]  # 10 inputs and 10 targets
 
 
 def test_collate_matches_a_hand_written_reference():
     # prompt [1, 2, 3] + response [4, 5] + end 9; prompt [6, 7] + response [8] + end 9; padding id 0
-    batch = [fi.Example([1, 2, 3, 4, 5, 9], 3), fi.Example([6, 7, 8, 9], 2)]
-    inputs, targets = fi.collate(batch, pad_id=0)
+    batch = [data.Example([1, 2, 3, 4, 5, 9], 3), data.Example([6, 7, 8, 9], 2)]
+    inputs, targets = data.collate(batch, pad_id=0)
     assert inputs.tolist() == [[1, 2, 3, 4, 5], [6, 7, 8, 0, 0]]
     assert targets.tolist() == [[2, 3, 4, 5, 9], [7, 8, 9, -100, -100]]  # the end token counts, padding never
-    _, masked = fi.collate(batch, pad_id=0, mask_prompt=True)
+    _, masked = data.collate(batch, pad_id=0, mask_prompt=True)
     assert masked.tolist() == [[-100, -100, 4, 5, 9], [-100, 8, 9, -100, -100]]  # only response and end token
-    inputs, targets = fi.collate([fi.Example([1, 2, 3, 4], 3)], pad_id=0)  # cut by make_example: no end token
+    inputs, targets = data.collate([data.Example([1, 2, 3, 4], 3)], pad_id=0)  # cut by make_example: no end token
     assert inputs.tolist() == [[1, 2, 3]] and targets.tolist() == [[2, 3, 4]]
 
 
 def test_length_grouped_batches_cover_each_example_once_with_little_padding():
     lengths = torch.randint(20, 200, (500,), generator=torch.Generator().manual_seed(0)).tolist()
     g = torch.Generator().manual_seed(1)
-    grouped, plain = fi.length_grouped_batches(lengths, 8, g), fi.random_batches(len(lengths), 8, g)
+    grouped, plain = data.length_grouped_batches(lengths, 8, g), data.random_batches(len(lengths), 8, g)
     assert sorted(i for b in grouped for i in b) == list(range(500)) and len(grouped) == len(plain) == 63
     padded = lambda batches: sum(len(b) * max(lengths[i] for i in b) for b in batches)
     assert padded(grouped) < 1.05 * sum(lengths) < 1.3 * sum(lengths) < padded(plain)
-    assert grouped != fi.length_grouped_batches(lengths, 8, g)  # a new order every epoch
+    assert grouped != data.length_grouped_batches(lengths, 8, g)  # a new order every epoch
 
 
 def test_target_loss_equals_the_models_own_loss(tiny_model):
-    inputs, targets = fi.collate([fi.Example([1, 2, 3, 4, 5, 9], 3), fi.Example([6, 7, 8, 9], 2)], 0, True)
+    inputs, targets = data.collate([data.Example([1, 2, 3, 4, 5, 9], 3), data.Example([6, 7, 8, 9], 2)], 0, True)
     loss, n = fi.target_loss(tiny_model, inputs, targets)
     _, reference = tiny_model(inputs, targets)
     assert n == 5
@@ -173,13 +178,13 @@ def greedy_without_cache(model, prompt: list[int], max_new_tokens: int, stop: se
 
 
 def test_batched_left_padded_answers_equal_answering_each_prompt_alone(tiny_model):
-    tok, template = get_tokenizer(), fi.TEMPLATES["alpaca"]
+    tok, template = get_tokenizer(), templates.TEMPLATES["alpaca"]
     prompts = [tok.encode_ordinary(text) for text in ("Hi", "Tell me a story about a cat", "Why is the sky", "x " * 20)]
     kwargs = dict(max_new_tokens=12, device=torch.device("cpu"), dtype=torch.float32)
-    batched = fi.answer(tiny_model, prompts, tok, template, batch_size=4, **kwargs)
-    alone = [fi.answer(tiny_model, [p], tok, template, batch_size=1, **kwargs)[0] for p in prompts]
+    batched = generate.answer(tiny_model, prompts, tok, template, batch_size=4, **kwargs)
+    alone = [generate.answer(tiny_model, [p], tok, template, batch_size=1, **kwargs)[0] for p in prompts]
     assert batched == alone
-    stops = fi.stop_ids(tok, template)
+    stops = templates.stop_ids(tok, template)
     reference = [tok.decode(greedy_without_cache(tiny_model, p, 12, stops)).strip() for p in prompts]
     assert batched == reference and sum(map(len, reference)) > 100  # (a row may write only spaces)
 
@@ -190,11 +195,11 @@ def test_an_answer_stops_at_the_templates_next_header(tiny_model, monkeypatch):
     def scripted_generate(model, ids, max_new_tokens, **kwargs):
         for token in script[:max_new_tokens]:
             yield torch.full((ids.size(0),), token)
-    monkeypatch.setattr(fi, "generate", scripted_generate)
+    monkeypatch.setattr(generate, "generate", scripted_generate)
     kwargs = dict(max_new_tokens=40, batch_size=2, device=torch.device("cpu"), dtype=torch.float32)
-    assert fi.answer(tiny_model, [[1, 2], [3]], tok, fi.TEMPLATES["alpaca"], **kwargs) == ["Paris.", "Paris."]
+    assert generate.answer(tiny_model, [[1, 2], [3]], tok, templates.TEMPLATES["alpaca"], **kwargs) == ["Paris.", "Paris."]
     # mistral's header is another: its answer runs on to the end token
-    assert fi.answer(tiny_model, [[1]], tok, fi.TEMPLATES["mistral"], **kwargs) == ["Paris.\n\n### Instruction:\nNext"]
+    assert generate.answer(tiny_model, [[1]], tok, templates.TEMPLATES["mistral"], **kwargs) == ["Paris.\n\n### Instruction:\nNext"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -422,13 +427,13 @@ class ByteTokenizer:
 
 
 def test_phi3_markers_become_special_ids_and_stop_answers():
-    tok, phi3 = ByteTokenizer(), fi.TEMPLATES["phi3"]
-    ids = fi.prompt_ids(tok, phi3, "Hi")
+    tok, phi3 = ByteTokenizer(), templates.TEMPLATES["phi3"]
+    ids = templates.prompt_ids(tok, phi3, "Hi")
     assert ids == [1, 259, 10 + 3, *tok.encode_ordinary("Hi"), 260, 10 + 3, 261, 10 + 3]
-    example, _ = fi.make_example(tok, phi3, {"instruction": "Hi", "input": "", "output": "Yo"}, 100)
+    example, _ = data.make_example(tok, phi3, {"instruction": "Hi", "input": "", "output": "Yo"}, 100)
     assert example.ids == ids + tok.encode_ordinary("Yo") + [260, 10 + 3, 2]  # '<|end|>\n', then EOS
-    assert fi.stop_ids(tok, phi3) == {2, 259, 260, 261}
-    assert fi.stop_ids(get_tokenizer(), phi3) == {50256}  # for GPT-2 the markers are plain text: stop strings
+    assert templates.stop_ids(tok, phi3) == {2, 259, 260, 261}
+    assert templates.stop_ids(get_tokenizer(), phi3) == {50256}  # for GPT-2 the markers are plain text: stop strings
 
 
 @pytest.mark.parametrize("preset, template", [("mistral-tiny", "mistral"), ("phi-3-tiny", "phi3")])
@@ -444,10 +449,10 @@ def test_a_family_model_trains_and_answers_with_its_template(tmp_path, data_file
     assert len(json.loads((tmp_path / "out" / fi.RESPONSES_FILE).read_text())) == 2
     model, saved = load_checkpoint(tmp_path / "out" / fi.MODEL_FILE)
     assert saved["template"] == template and saved["model_type"] == metrics["model"]["model_type"]
-    prompts = [fi.prompt_ids(ByteTokenizer(), fi.TEMPLATES[template], f["instruction"], f["input"]) for f in FACTS]
+    prompts = [templates.prompt_ids(ByteTokenizer(), templates.TEMPLATES[template], f["instruction"], f["input"]) for f in FACTS]
     kwargs = dict(max_new_tokens=8, device=torch.device("cpu"), dtype=torch.float32)
-    assert fi.answer(model, prompts, ByteTokenizer(), fi.TEMPLATES[template], batch_size=4, **kwargs) == \
-        [fi.answer(model, [p], ByteTokenizer(), fi.TEMPLATES[template], batch_size=1, **kwargs)[0] for p in prompts]
+    assert generate.answer(model, prompts, ByteTokenizer(), templates.TEMPLATES[template], batch_size=4, **kwargs) == \
+        [generate.answer(model, [p], ByteTokenizer(), templates.TEMPLATES[template], batch_size=1, **kwargs)[0] for p in prompts]
 
 
 @pytest.mark.parametrize("preset, template", [("mistral-tiny", "mistral"), ("phi-3-tiny", "phi3")])
@@ -465,7 +470,7 @@ def test_a_family_model_trains_with_its_own_template_and_tokenizer(tmp_path, dat
     metrics = fi.main(fi.parse_args(["--init", "random", "--preset", preset, "--data", str(data_file),
                                      "--out-dir", str(tmp_path / "out"), "--epochs", "1", "--max-new-tokens", "4"]))
     assert metrics["template"] == template and metrics["data"]["truncated"] == 0
-    example, _ = fi.make_example(tok, fi.TEMPLATES[template], FACTS[0], 256)
+    example, _ = data.make_example(tok, templates.TEMPLATES[template], FACTS[0], 256)
     assert example.ids[0] == (tok.bos_id if tok.bos_id is not None else example.ids[0])
     assert example.ids[-1] == tok.eos_id
     _, saved = load_checkpoint(tmp_path / "out" / fi.MODEL_FILE)

@@ -12,9 +12,13 @@ import pytest
 import torch
 
 import finetune_spam as fs
+
+from common import UserError
+from download import DownloadError
 from load_gpt2 import load_model
 from model import LoRALinear, load_checkpoint
-from tokenizer import DownloadError, UserError, get_tokenizer
+from tokenizer import get_tokenizer
+
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.needs_files("gpt2/encoder.json", "gpt2/vocab.bpe", "sms_spam/SMSSpamCollection")
@@ -284,7 +288,7 @@ def test_an_unwritable_out_dir_is_found_before_training(tmp_path, data_file, mon
 
 
 def test_a_second_run_into_the_same_folder_stops_at_once(tmp_path, data_file):
-    from tokenizer import RunLock
+    from common import RunLock
     (tmp_path / "out").mkdir()
     with RunLock(tmp_path / "out"):
         with pytest.raises(UserError, match="is in use by another run"):

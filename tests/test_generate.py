@@ -10,7 +10,10 @@ import torch
 
 import generate as G
 import model as M
-from tokenizer import bos, run_stage
+
+from common import run_stage
+from tokenizer import bos
+
 
 REPO = Path(__file__).resolve().parent.parent
 GPT2_FILES = ("gpt2/encoder.json", "gpt2/vocab.bpe")

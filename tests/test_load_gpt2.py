@@ -15,12 +15,14 @@ import numpy as np
 import pytest
 import torch
 
-import load_gpt2
-from load_gpt2 import (SafetensorsError, SafetensorsFile, export_hf, load_gpt2 as load, load_model,
-                       read_safetensors, write_safetensors)
-from model import GPTConfig, get_config, save_checkpoint
 from conftest import run_in_process
-from tokenizer import UserError
+
+import load_gpt2
+from common import UserError
+from load_gpt2 import (SafetensorsError, SafetensorsFile, export_hf, load_gpt2 as load, load_model, read_safetensors,
+                       write_safetensors)
+from model import GPTConfig, get_config, save_checkpoint
+
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURE = REPO / "tests" / "fixtures" / "hf_tiny_gpt2"

@@ -4,7 +4,9 @@ import pytest
 import torch
 
 import model as M
+
 from generate import left_pad
+
 
 
 @pytest.fixture(scope="module")

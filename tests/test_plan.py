@@ -8,8 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import planner
 import pretrain
 from model import GPT, get_config
+
+
 
 REPO = Path(__file__).resolve().parent.parent
 FAMILIES = ["tiny", "mistral-tiny", "llama-tiny", "phi-2-tiny", "phi-3-tiny"]
@@ -33,9 +36,9 @@ def saved_for_backward(model: GPT, idx: torch.Tensor) -> int:
 
 
 def estimate(config, tokens: int, block_size: int, checkpointing: bool = False) -> float:
-    per_block = pretrain.block_activations(config, tokens, block_size, half=False)
+    per_block = planner.block_activations(config, tokens, block_size, half=False)
     blocks = config.n_layer * tokens * config.n_embd * 4 + per_block if checkpointing else config.n_layer * per_block
-    return blocks + pretrain.head_activations(config, tokens, half=False)[0]
+    return blocks + planner.head_activations(config, tokens, half=False)[0]
 
 
 @pytest.mark.parametrize("preset", FAMILIES)
@@ -50,7 +53,7 @@ def test_activation_estimate_matches_what_autograd_keeps(preset):
     # Activation checkpointing: each block keeps its input; one block is recomputed at a time in backward.
     pretrain.checkpoint_activations(model)
     kept = saved_for_backward(model, idx)
-    one_block = pretrain.block_activations(model.config, B * T, T, half=False)
+    one_block = planner.block_activations(model.config, B * T, T, half=False)
     assert kept + one_block == pytest.approx(estimate(model.config, B * T, T, checkpointing=True), rel=0.05)
     assert measured - kept > 0.8 * (model.config.n_layer - 1) * one_block  # the blocks' activations are gone
 
@@ -132,9 +135,9 @@ def test_plan_says_what_makes_a_big_run_fit(tmp_path):
     plan = pretrain.plan_main(args)
     h100 = next(d for d in plan["devices"] if d["device"] == "H100")
     assert h100["fits"] is False and "--strategy fsdp" in h100["fits_with"]
-    config, _ = pretrain.init_config(args.init, args.preset)
-    sharded = pretrain.memory_per_process(config, batch_size=1, block_size=4096, processes=8, strategy="fsdp",
-                                          dtype=torch.bfloat16, baseline=pretrain.CUDA_CONTEXT_BYTES)
+    config, _ = planner.init_config(args.init, args.preset)
+    sharded = planner.memory_per_process(config, batch_size=1, block_size=4096, processes=8, strategy="fsdp",
+                                          dtype=torch.bfloat16, baseline=planner.CUDA_CONTEXT_BYTES)
     assert sharded["total"] <= 80e9 < h100["bytes_per_process"]
     assert sharded["weights"] == pytest.approx(h100["memory"]["weights"] / 8)
 

@@ -16,10 +16,13 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import common
 import pretrain
 import tokenizer
 from load_gpt2 import export_hf, load_model
 from model import GPT, get_config, load_checkpoint
+
+
 
 REPO = Path(__file__).resolve().parent.parent
 # the scripts run in subprocesses too, where a missing file cannot become a skip
@@ -62,7 +65,7 @@ def test_step_batch_is_the_same_for_any_split_into_processes_and_micro_steps():
 
 
 def test_missing_data_is_a_user_error(tmp_path):
-    with pytest.raises(tokenizer.UserError, match="does not exist"):
+    with pytest.raises(common.UserError, match="does not exist"):
         pretrain.token_folder(str(tmp_path / "missing.txt"))
 
 
@@ -116,9 +119,9 @@ def test_resume_after_ctrl_c_equals_uninterrupted_bitwise(verdict_tokens, tmp_pa
 
 def test_resume_refuses_other_model_flags_and_a_new_run_refuses_an_old_folder(verdict_tokens, tmp_path):
     pretrain.train(tiny_args(verdict_tokens, tmp_path, "--max-steps", "1", "--sample-tokens", "0"))
-    with pytest.raises(tokenizer.UserError, match="--dropout"):
+    with pytest.raises(common.UserError, match="--dropout"):
         pretrain.train(tiny_args(verdict_tokens, tmp_path, "--resume", "--dropout", "0.2"))
-    with pytest.raises(tokenizer.UserError, match="already holds a run"):
+    with pytest.raises(common.UserError, match="already holds a run"):
         pretrain.train(tiny_args(verdict_tokens, tmp_path))
 
 
@@ -126,7 +129,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(verdict
     # An absurd learning rate makes the weights huge after one step, and the next forward pass overflows.
     args = tiny_args(verdict_tokens, tmp_path, "--lr", "1e30", "--warmup-steps", "0", "--save-every", "1",
                      "--sample-tokens", "0")
-    with pytest.raises(tokenizer.UserError, match=r"the loss became nan .* still holds the last good state"):
+    with pytest.raises(common.UserError, match=r"the loss became nan .* still holds the last good state"):
         pretrain.train(args)
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] >= 1
 
@@ -293,7 +296,7 @@ def test_script_end_to_end_with_the_default_corpus_ctrl_c_and_resume(tmp_path):
     ("--device cuda:7", "--device"),
 ])
 def test_flags_that_mean_nothing_are_refused_when_parsed(flags, words):
-    with pytest.raises(tokenizer.UserError) as error:
+    with pytest.raises(common.UserError) as error:
         pretrain.parse_args(flags.split())
     assert words in str(error.value)
 
@@ -302,11 +305,11 @@ def test_an_out_dir_that_cannot_hold_a_run_stops_before_any_work(verdict_tokens,
     monkeypatch.setattr(pretrain, "build", lambda *a: pytest.fail("work started before the out-dir was checked"))
     a_file = tmp_path / "file"
     a_file.write_text("not a folder")
-    with pytest.raises(tokenizer.UserError, match="is a file, not a folder"):
+    with pytest.raises(common.UserError, match="is a file, not a folder"):
         pretrain.train(tiny_args(verdict_tokens, a_file))
-    with pytest.raises(tokenizer.UserError, match="not a writable folder"):
+    with pytest.raises(common.UserError, match="not a writable folder"):
         pretrain.train(tiny_args(verdict_tokens, a_file / "sub"))
-    with pytest.raises(tokenizer.UserError, match="is a file"):
+    with pytest.raises(common.UserError, match="is a file"):
         pretrain.main(pretrain.parse_args(["--plan", "--preset", "tiny", "--out-dir", str(a_file)]))
     assert a_file.read_text() == "not a folder"
 
@@ -314,14 +317,14 @@ def test_an_out_dir_that_cannot_hold_a_run_stops_before_any_work(verdict_tokens,
 def test_resume_refuses_changed_flags_naming_each_and_accepts_the_harmless_ones(verdict_tokens, tmp_path):
     pretrain.train(tiny_args(verdict_tokens, tmp_path, "--max-steps", "1", "--sample-tokens", "0"))
     before = (tmp_path / "ckpt.pt").read_bytes()
-    with pytest.raises(tokenizer.UserError) as error:
+    with pytest.raises(common.UserError) as error:
         pretrain.train(tiny_args(verdict_tokens, tmp_path, "--resume", "--lr", "0.002", "--batch-size", "8"))
     assert "--lr 0.001 (now 0.002)" in str(error.value) and "--batch-size 4 (now 8)" in str(error.value)
     other = tmp_path.parent / "other.txt"
     other.write_text("Some other text. " * 400)
     for changed in (["--data", str(other)], ["--seed", "1"], ["--dtype", "bfloat16"], ["--grad-accum", "2"],
                     ["--strategy", "fsdp"]):
-        with pytest.raises(tokenizer.UserError, match=changed[0]):
+        with pytest.raises(common.UserError, match=changed[0]):
             args = tiny_args(verdict_tokens, tmp_path, "--resume")
             for flag, value in zip(changed[::2], changed[1::2]):
                 setattr(args, flag[2:].replace("-", "_"), value if flag != "--grad-accum" else int(value))
@@ -340,10 +343,10 @@ def test_empty_or_corrupt_checkpoints_give_one_sentence(verdict_tokens, tmp_path
         run = tmp_path / name
         run.mkdir()
         (run / "ckpt.pt").write_bytes(content)
-        with pytest.raises(tokenizer.UserError, match=words):
+        with pytest.raises(common.UserError, match=words):
             pretrain.train(tiny_args(verdict_tokens, run, "--resume"))
         assert (run / "ckpt.pt").read_bytes() == content and not (run / "metrics.jsonl").exists()
-        with pytest.raises(tokenizer.UserError, match=words):
+        with pytest.raises(common.UserError, match=words):
             pretrain.train(pretrain.parse_args(["--data", str(verdict_tokens), "--init", str(run / "ckpt.pt"),
                                                 "--out-dir", str(tmp_path / f"{name}-init"), "--device", "cpu"]))
 
@@ -366,13 +369,13 @@ def test_a_sharded_checkpoint_is_read_without_unpickling_anything_but_its_metada
     marker = tmp_path / "ran"
     (folder / ".metadata").write_bytes(pickle.dumps(RunsCode(marker)))
     torch.save({"config": {}, "card": {}}, folder / "train_state.pt")
-    with pytest.raises(tokenizer.UserError, match="not a readable checkpoint's metadata"):
+    with pytest.raises(common.UserError, match="not a readable checkpoint's metadata"):
         pretrain.load_sharded(folder, GPT(get_config("tiny")), None)
     assert not marker.exists()
     (folder / "train_state.pt").write_bytes(b"PK\x03\x04 truncated")
-    with pytest.raises(tokenizer.UserError, match="damaged"):
+    with pytest.raises(common.UserError, match="damaged"):
         pretrain.read_train_state(folder)
-    with pytest.raises(tokenizer.UserError, match="not a folder"):
+    with pytest.raises(common.UserError, match="not a folder"):
         pretrain.consolidate(tmp_path / "nothing.dcp")
 
 
@@ -381,9 +384,9 @@ class OtherTokenizer:
 
 
 def test_a_token_folder_made_with_another_tokenizer_is_refused(verdict_tokens):
-    with pytest.raises(tokenizer.UserError, match="tokenized with gpt2, but the model's tokenizer is other"):
+    with pytest.raises(common.UserError, match="tokenized with gpt2, but the model's tokenizer is other"):
         pretrain.load_splits(verdict_tokens, 32, 50257, OtherTokenizer(), "other")
-    with pytest.raises(tokenizer.UserError, match="larger than the model's 32000"):
+    with pytest.raises(common.UserError, match="larger than the model's 32000"):
         pretrain.load_splits(verdict_tokens, 32, 32000, OtherTokenizer(), "other")
 
 
@@ -479,7 +482,7 @@ def test_resume_keeps_the_runs_tokenizer(verdict_tokens, tmp_path):
     state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     state["tokenizer"] = str(tmp_path / "gone" / "tokenizer.model")
     torch.save(state, tmp_path / "ckpt.pt")
-    with pytest.raises(tokenizer.UserError, match="gone"):
+    with pytest.raises(common.UserError, match="gone"):
         pretrain.train(tiny_args(verdict_tokens, tmp_path, "--resume", "--max-steps", "2"))
 
 

@@ -19,10 +19,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import generate as G
-import load_gpt2
 import model as M
 from conftest import REPO
+
+import load_gpt2
 from load_gpt2 import export_hf
+
 
 FAMILY_PRESETS = ("tiny", "mistral-tiny", "llama-tiny", "phi-2-tiny", "phi-3-tiny")
 # what each preset's tokenizer needs in the download cache (for the command-line runs)

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
-import tokenizer
 from conftest import REPO
+
+import download
+
 
 pytestmark = pytest.mark.needs_files("gpt2/encoder.json", "gpt2/vocab.bpe", "text/tinyshakespeare.txt",
                                      "text/the-verdict.txt", "sms_spam/SMSSpamCollection",
@@ -54,7 +56,7 @@ def workdir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("quickstart")
     for script in REPO.glob("*.py"):
         shutil.copy(script, folder)
-    verdict = tokenizer.fetch("text/the-verdict.txt")
+    verdict = download.fetch("text/the-verdict.txt")
     (folder / "corpus").mkdir()
     shutil.copy(verdict, folder / "corpus" / "verdict.txt")
     (folder / "corpus" / "short.txt").write_text("A short second document.\n" * 40)

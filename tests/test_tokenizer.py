@@ -2,7 +2,11 @@
 import pytest
 
 from bench_parts.tokenizer import naive_train
-from tokenizer import ENDOFTEXT, BPETokenizer, UserError, fetch, get_tokenizer, read_text
+
+from common import UserError
+from download import fetch
+from tokenizer import BPETokenizer, ENDOFTEXT, get_tokenizer, read_text
+
 
 # The shared data that is text (the folder also holds a binary tokenizer.model), by download-cache path.
 TEXT_FILES = ["text/the-verdict.txt", "text/tinyshakespeare.txt", "sms_spam/SMSSpamCollection",

@@ -9,7 +9,10 @@ import pytest
 from conftest import REPO, run_in_process
 
 import tokenizer
-from tokenizer import BPETokenizer, UserError
+from common import UserError
+from tokenizer import BPETokenizer
+
+
 
 FIXTURES = Path(__file__).parent / "fixtures" / "tokenizers"
 pytestmark = pytest.mark.needs_files("gpt2/encoder.json", "gpt2/vocab.bpe", "text/the-verdict.txt")

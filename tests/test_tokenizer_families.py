@@ -14,7 +14,10 @@ import numpy as np
 import pytest
 
 import tokenizer as T
-from tokenizer import HFTokenizer, SentencePieceTokenizer, UserError, load_tokenizer
+
+from common import UserError
+from tokenizer import HFTokenizer, SentencePieceTokenizer, load_tokenizer
+
 
 FIXTURES = Path(__file__).parent / "fixtures" / "tokenizers"
 EXPECTED = json.loads((FIXTURES / "expected.json").read_text(encoding="utf-8"))

@@ -20,8 +20,11 @@ import numpy as np
 import torch
 
 import evaluate as ev
+
+from download import fetch
 from model import GPT, get_config
-from tokenizer import fetch, get_tokenizer
+from tokenizer import get_tokenizer
+
 
 REPO = Path(__file__).resolve().parents[2]
 PARTS = ("choice", "contamination", "perplexity")

@@ -29,10 +29,12 @@ from functools import partial
 
 import torch
 
+from common import UserError
 from generate import generate
 from load_gpt2 import export_hf
 from model import GPT, get_config
-from tokenizer import UserError
+
+
 
 # GPT-2 124M's size in Mistral's shape; sliding_window as Mistral 7B's (--family-window changes it)
 MISTRAL_124M = dict(n_layer=12, n_head=12, n_kv_head=4, n_embd=768, intermediate_size=2048, block_size=4096)

@@ -45,13 +45,15 @@ from pathlib import Path
 
 import torch
 
+
+
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))  # the repository root: model.py & co.
 from bench_parts.load import PEAK_RSS  # noqa: E402
-from generate import compile_for_generation, generate, load_for_generation, tensor_bytes  # noqa: E402
-from load_gpt2 import export_hf  # noqa: E402
-from model import DTYPES, GPT, PRESETS, get_config  # noqa: E402
-from tokenizer import UserError  # noqa: E402
+from generate import compile_for_generation, generate, load_for_generation, tensor_bytes
+from load_gpt2 import export_hf
+from model import DTYPES, GPT, PRESETS, get_config
+from tokenizer import UserError
 
 AGREEMENT_TOKENS = 64
 GPT2_PRESETS = [name for name, config in PRESETS.items() if config.positions == "learned"]

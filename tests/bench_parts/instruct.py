@@ -30,8 +30,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import finetune_instruct as fi  # noqa: E402
 from bench_parts.spam import BookGPTModel  # noqa: E402  (the book's GPTModel, written once for both benches)
-from model import GPT, get_config  # noqa: E402
-from tokenizer import get_tokenizer  # noqa: E402
+
+from model import GPT, get_config
+from tokenizer import get_tokenizer
+
 
 BOOK_EPOCHS, BOOK_BATCH, BOOK_EVAL_FREQ, BOOK_EVAL_ITER = 2, 8, 5, 5
 BOOK_MAX_NEW_TOKENS, BOOK_SAMPLE_TOKENS = 256, 50  # test answers; the sample printed after each epoch

@@ -35,11 +35,13 @@ from pathlib import Path
 
 import torch
 
+
+
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 import load_gpt2  # noqa: E402
-from model import PRESETS, get_config  # noqa: E402
+from model import PRESETS, get_config
 
 # Peak RSS of this process: Linux's VmHWM (ru_maxrss would carry over the parent's peak through
 # fork and exec); elsewhere ru_maxrss (bytes on macOS).
@@ -85,7 +87,6 @@ OURS_DECODE = f"""
 import json, resource, sys, time
 sys.path.insert(0, {str(REPO)!r})
 import torch, load_gpt2
-from generate import generate, load_for_generation, tensor_bytes
 {PEAK_RSS}
 before = peak_rss()
 start = time.perf_counter()

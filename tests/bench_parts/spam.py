@@ -21,7 +21,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import finetune_spam as fs  # noqa: E402
-from tokenizer import get_tokenizer  # noqa: E402
+
+from tokenizer import get_tokenizer
+
 
 BOOK_PAD_TO = 120  # the longest training message of the book's split (its pandas split, seed 123)
 BOOK_STEPS_PER_EPOCH = 130  # 1045 training messages, batch 8, drop_last

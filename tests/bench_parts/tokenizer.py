@@ -20,8 +20,11 @@ from pathlib import Path
 import numpy as np
 import regex
 
-from tokenizer import (GPT2_PATTERN, BPETokenizer, UserError, fetch, get_tokenizer, load_tokenizer, merge_pair,
-                       prepare_corpus)
+from common import UserError
+from download import fetch
+from tokenizer import BPETokenizer, GPT2_PATTERN, get_tokenizer, load_tokenizer, merge_pair, prepare_corpus
+
+
 
 PARTS = ("train", "gpt2", "prepare", "mistral")
 MISTRAL_TOKENIZER = "hf/mistralai/Mistral-7B-v0.1/tokenizer.model"

@@ -31,12 +31,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+
+
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+import planner
+from model import GPT, autocast, get_config
+from tokenizer import UserError
 import pretrain  # noqa: E402
-from model import GPT, autocast, get_config  # noqa: E402
-from tokenizer import UserError  # noqa: E402
 
 CASES = ("small", "gpt2", "ddp", "plan", "gpu")
 
@@ -214,9 +217,9 @@ def fsdp_gpu_rows(args: argparse.Namespace) -> list[dict]:
         T = args.train_fsdp_context
 
         def planned(n_layer: int, strategy: str) -> dict:
-            return pretrain.memory_per_process(get_config("mistral-7b", n_layer=n_layer, block_size=T), batch_size=1,
+            return planner.memory_per_process(get_config("mistral-7b", n_layer=n_layer, block_size=T), batch_size=1,
                                                block_size=T, strategy=strategy, activation_checkpointing=True,
-                                               dtype=torch.bfloat16, baseline=pretrain.CUDA_CONTEXT_BYTES)
+                                               dtype=torch.bfloat16, baseline=planner.CUDA_CONTEXT_BYTES)
 
         # Every figure of the plan grows linearly with the depth: two depths give the line.
         one, per_layer = planned(1, "ddp")["total"], planned(2, "ddp")["total"] - planned(1, "ddp")["total"]
@@ -257,7 +260,7 @@ def fsdp_gpu_rows(args: argparse.Namespace) -> list[dict]:
         allocated = torch.cuda.max_memory_allocated(device)
         with torch.device("meta"):
             flops_per_step = GPT(gpt.config).flops_per_token(T) * T
-        peak = pretrain.peak_flops(device, torch.bfloat16)
+        peak = planner.peak_flops(device, torch.bfloat16)
         return [{**row, "ms/step": round(1000 * seconds, 1), "tokens/s": round(T / seconds),
                  "MFU % of data-sheet peak": round(100 * flops_per_step / seconds / peak, 1) if peak else None,
                  "allocated GB": round(allocated / 1e9, 2),
@@ -291,7 +294,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             torch.backends.cuda.matmul.allow_tf32 = True
             peak = matmul_peak(gpu, torch.bfloat16, n=8192, repeats=5)
             row = step_row("gpu", "gpt2", 1024, args.train_gpu_batch, gpu, torch.bfloat16, True, peak, tokens, args)
-            table_peak = pretrain.peak_flops(gpu, torch.bfloat16)
+            table_peak = planner.peak_flops(gpu, torch.bfloat16)
             row["gpu"] = torch.cuda.get_device_name(gpu)
             row["MFU % of data-sheet peak"] = round(100 * row["TFLOP/s"] * 1e12 / table_peak, 1) if table_peak else None
             rows.append(row)
