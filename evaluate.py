@@ -43,7 +43,8 @@ from generate import answer, generate, left_pad
 from load_gpt2 import add_init_args, load_model, tokenizer_for
 from model import GPT, KVCache, PRESETS, add_device_args, device_and_dtype
 from templates import TEMPLATES, alpaca_prompt, default_template, prompt_ids
-from tokenizer import bos, corpus_files, document_ids, load_token_folder, read_blocks, read_text
+from corpus import corpus_files, document_ids, load_token_folder, read_blocks, read_text
+from tokenizer_base import bos
 
 
 DEFAULT_TEXT = "text/the-verdict.txt"  # a short story, downloaded once into the cache

@@ -36,7 +36,7 @@ from common import (ArgumentParser, RunLock, UserError, atomic_write, clock, non
 from download import DownloadError, SMS_SPAM_SHA256, cache_dir, fetch
 from load_gpt2 import add_init_args, load_model, model_card, tokenizer_for
 from model import GPT, add_device_args, add_lora, autocast, device_and_dtype, merge_lora, save_checkpoint
-from tokenizer import bos
+from tokenizer_base import bos
 
 
 LABELS = ("ham", "spam")  # class index = position: 0 ham, 1 spam (the positive class)

@@ -27,7 +27,7 @@ from common import (ArgumentParser, UserError, non_negative_float, non_negative_
 from load_gpt2 import add_init_args, load_model, tokenizer_for
 from model import GPT, KVCache, add_device_args, autocast, device_and_dtype, missing_compiler
 from templates import Template, stop_ids
-from tokenizer import bos
+from tokenizer_base import bos
 
 
 DEFAULT_NEW_TOKENS = 100  # without --max-new-tokens: this many, or what the context leaves after the prompt

@@ -41,7 +41,8 @@ from download import (DownloadError, GPT2_ENCODER_SHA256, GPT2_VOCAB_SHA256, HUB
                       cache_dir, download, fetch, hub_headers)
 from model import (GPT, GPTConfig, PRESETS, add_device_args, checkpoint_kind, device_and_dtype, get_config,
                    load_checkpoint, unwrap)
-from tokenizer import bos, get_tokenizer, load_tokenizer
+from tokenizer import TOKENIZER_FILES, get_tokenizer, load_tokenizer
+from tokenizer_base import bos
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -672,7 +673,6 @@ def config_from_shapes(file: SafetensorsFile) -> GPTConfig:
                     f"{', '.join(GPT2_REPOS)}; put the model's config.json next to it")
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # what a folder's own tokenizer is read from
 TOKENIZER_EXTRAS = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt")
 
 

@@ -49,16 +49,17 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
+import corpus
 import download
-import tokenizer
 from common import (ArgumentParser, RunLock, UserError, atomic_write, clock, non_negative_float, non_negative_int,
                     positive_float, positive_int, run_stage, unit_interval, writable_folder)
+from corpus import sample_windows
 from generate import sample_next
 from load_gpt2 import add_init_args, load_model, model_card, tokenizer_for
 from model import (DTYPES, GPT, GPTConfig, add_device_args, autocast, get_config, load_checkpoint, missing_compiler,
                    resolve_device, resolve_dtype, save_checkpoint)
 from planner import init_config, make_plan, peak_flops, peak_memory, report_plan
-from tokenizer import bos, sample_windows
+from tokenizer_base import bos
 
 
 STRATEGIES = ("ddp", "fsdp")
@@ -206,7 +207,7 @@ def token_folder(data: str | None, tokenizer_name: str = "gpt2", errors: str = "
     source = download.fetch("text/tinyshakespeare.txt") if data is None else data
     tok = tokenizer_for({"tokenizer": tokenizer_name})
     fingerprint = hashlib.sha256(f"{errors}\0{tokenizer_fingerprint(tok, tokenizer_name)}\n".encode())
-    for path in tokenizer.corpus_files(source):
+    for path in corpus.corpus_files(source):
         stat = path.stat()
         fingerprint.update(f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     name = re.sub(r"[^\w.-]", "", Path(source).stem) or "corpus"
@@ -216,7 +217,7 @@ def token_folder(data: str | None, tokenizer_name: str = "gpt2", errors: str = "
         # leaves a half-written folder that looks finished.
         tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
         try:
-            tokenizer.prepare_corpus(source, tmp, tokenizer=tok, tokenizer_name=tokenizer_name, errors=errors)
+            corpus.prepare_corpus(source, tmp, tokenizer=tok, tokenizer_name=tokenizer_name, errors=errors)
             try:
                 os.replace(tmp, folder)
             except OSError:  # another process finished the same folder first
@@ -227,9 +228,9 @@ def token_folder(data: str | None, tokenizer_name: str = "gpt2", errors: str = "
 
 
 def load_splits(folder: Path, block_size: int, vocab_size: int, tok, tokenizer_name: str) -> tuple[np.ndarray, np.ndarray]:
-    """train.bin and val.bin of a token folder, checked against its meta.json (tokenizer.load_token_folder)
+    """train.bin and val.bin of a token folder, checked against its meta.json (corpus.load_token_folder)
     and against the model: its tokenizer, its vocabulary, and at least one window per split."""
-    train, val, meta = tokenizer.load_token_folder(folder)
+    train, val, meta = corpus.load_token_folder(folder)
     if meta.get("vocab_size", 0) > vocab_size:
         raise UserError(f"{folder} was tokenized with a vocabulary of {meta['vocab_size']} tokens, larger than the "
                         f"model's {vocab_size}; prepare the text with the model's tokenizer")

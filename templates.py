@@ -8,7 +8,7 @@ an answer.
 import dataclasses
 from collections.abc import Callable
 
-from tokenizer import bos
+from tokenizer_base import bos
 
 
 @dataclasses.dataclass(frozen=True)

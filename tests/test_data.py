@@ -1,5 +1,5 @@
-"""Data input: next-token windows, text reading, corpus preparation into token files for any tokenizer,
-the checks on a prepared folder, window sampling."""
+"""Corpora (corpus.py): text reading, corpus preparation into token files for any tokenizer, the
+checks on a prepared folder, window sampling."""
 import json
 import random
 from pathlib import Path
@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from common import UserError
-from tokenizer import (GPTDataset, bos, create_dataloader, get_tokenizer, load_token_folder, load_tokenizer,
-                       load_tokens, prepare_corpus, read_text, sample_windows)
+from corpus import load_token_folder, prepare_corpus, read_text, sample_windows
+from tokenizer import get_tokenizer, load_tokenizer
+from tokenizer_base import bos
 
 
 
@@ -20,45 +21,6 @@ FIXTURES = Path(__file__).parent / "fixtures" / "tokenizers"
 @pytest.fixture(scope="module")
 def enc():
     return get_tokenizer("tiktoken")
-
-
-# -- sliding windows ---------------------------------------------------------------------------
-
-def test_windows_are_shifted_by_one_and_strided():
-    ds = GPTDataset(list(range(20)), max_length=4, stride=2)
-    assert len(ds) == 8  # starts 0, 2, ..., 14: each needs 4 inputs + 1 more target
-    x, y = ds[3]
-    assert x.tolist() == [6, 7, 8, 9] and y.tolist() == [7, 8, 9, 10]
-    assert x.dtype == torch.int64
-
-
-def test_window_count_without_overlap():
-    ds = GPTDataset(np.arange(20), max_length=4, stride=4)
-    assert [ds[i][0][0].item() for i in range(len(ds))] == [0, 4, 8, 12]
-    assert ds[len(ds) - 1][1].tolist() == [13, 14, 15, 16]
-    assert len(GPTDataset(range(5), max_length=4, stride=1)) == 1
-
-
-def test_text_shorter_than_one_window_is_a_user_error():
-    with pytest.raises(UserError, match="too few for one window"):
-        GPTDataset(range(4), max_length=4, stride=1)
-
-
-@pytest.mark.needs_files("text/the-verdict.txt")
-def test_dataloader_batches_gpt2_tokens(enc, offline_cache):
-    text = read_text(offline_cache / "text" / "the-verdict.txt")
-    loader = create_dataloader(text, batch_size=2, max_length=8, stride=8, shuffle=False)
-    x, y = next(iter(loader))
-    assert x.shape == y.shape == (2, 8)
-    assert x[0].tolist() == enc.encode(text)[:8]
-    assert torch.equal(x[:, 1:], y[:, :-1])
-
-
-def test_dataloader_errors():
-    with pytest.raises(UserError, match="empty"):
-        create_dataloader("")
-    with pytest.raises(UserError, match="fewer than one batch"):
-        create_dataloader("one two three four five six", batch_size=4, max_length=2, stride=2)
 
 
 # -- reading text ------------------------------------------------------------------------------
@@ -87,7 +49,7 @@ def tokens_of(out_dir, dtype=np.uint16) -> list[int]:
 @pytest.mark.needs_files("text/tinyshakespeare.txt")
 def test_prepare_matches_encoding_the_whole_file(tmp_path, enc, offline_cache):
     source = offline_cache / "text" / "tinyshakespeare.txt"
-    result = prepare_corpus(source, tmp_path, val_fraction=0.1, num_threads=2, block_bytes=1 << 16)
+    result = prepare_corpus(source, tmp_path, tokenizer=enc, val_fraction=0.1, num_threads=2, block_bytes=1 << 16)
     expected = enc.encode_ordinary(read_text(source)) + [enc.eot_token]
     assert tokens_of(tmp_path) == expected
     meta = json.loads((tmp_path / "meta.json").read_text())
@@ -107,7 +69,7 @@ def test_prepare_block_splits_do_not_change_the_tokens(tmp_path, enc):
     (tmp_path / "mixed.txt").write_text(text, encoding="utf-8")
     for block_bytes in (1, 7, 64):
         out = tmp_path / f"out{block_bytes}"
-        prepare_corpus(tmp_path / "mixed.txt", out, val_fraction=0.0, block_bytes=block_bytes)
+        prepare_corpus(tmp_path / "mixed.txt", out, val_fraction=0.0, block_bytes=block_bytes, tokenizer=enc)
         assert tokens_of(out) == enc.encode_ordinary(text) + [enc.eot_token], block_bytes
 
 
@@ -118,40 +80,39 @@ def test_prepare_folder_and_glob_make_one_document_per_file(tmp_path, enc):
     (corpus / "sub" / "b.txt").write_text("Second one\n")
     (corpus / ".hidden").write_text("skipped")
     expected = [*enc.encode("First document."), enc.eot_token, *enc.encode("Second one\n"), enc.eot_token]
-    result = prepare_corpus(corpus, tmp_path / "folder", val_fraction=0.0)
+    result = prepare_corpus(corpus, tmp_path / "folder", val_fraction=0.0, tokenizer=enc)
     assert tokens_of(tmp_path / "folder") == expected
     assert result["sources"] == [str(corpus / "a.txt"), str(corpus / "sub" / "b.txt")]
-    prepare_corpus(str(corpus / "**" / "*.txt"), tmp_path / "glob", val_fraction=0.0)
+    prepare_corpus(str(corpus / "**" / "*.txt"), tmp_path / "glob", val_fraction=0.0, tokenizer=enc)
     assert tokens_of(tmp_path / "glob") == expected
 
 
-def test_prepare_errors(tmp_path):
+def test_prepare_errors(tmp_path, enc):
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "nothing").mkdir()
     with pytest.raises(UserError, match="holds no text"):
-        prepare_corpus(tmp_path / "empty.txt", tmp_path / "out")
+        prepare_corpus(tmp_path / "empty.txt", tmp_path / "out", tokenizer=enc)
     with pytest.raises(UserError, match="holds no files"):
-        prepare_corpus(tmp_path / "nothing", tmp_path / "out")
+        prepare_corpus(tmp_path / "nothing", tmp_path / "out", tokenizer=enc)
     with pytest.raises(UserError, match="no files match"):
-        prepare_corpus(str(tmp_path / "*.md"), tmp_path / "out")
+        prepare_corpus(str(tmp_path / "*.md"), tmp_path / "out", tokenizer=enc)
     with pytest.raises(UserError, match="does not exist"):
-        prepare_corpus(tmp_path / "missing.txt", tmp_path / "out")
+        prepare_corpus(tmp_path / "missing.txt", tmp_path / "out", tokenizer=enc)
     assert list((tmp_path / "out").iterdir()) == []  # nothing half-written
 
 
-def test_prepare_names_the_bad_byte_in_a_later_block(tmp_path):
+def test_prepare_names_the_bad_byte_in_a_later_block(tmp_path, enc):
     path = tmp_path / "bad.txt"
     path.write_bytes(b"a" * 10_000 + b"\xff tail")
     with pytest.raises(UserError, match=r"bad\.txt .*offset 10000"):
-        prepare_corpus(path, tmp_path / "out", block_bytes=4096)
+        prepare_corpus(path, tmp_path / "out", block_bytes=4096, tokenizer=enc)
     assert list((tmp_path / "out").iterdir()) == []
-    result = prepare_corpus(path, tmp_path / "out", errors="replace", block_bytes=4096)
+    result = prepare_corpus(path, tmp_path / "out", errors="replace", block_bytes=4096, tokenizer=enc)
     assert result["train_tokens"] + result["val_tokens"] > 1
 
 
-def test_sample_windows(tmp_path):
-    np.arange(100, dtype=np.uint16).tofile(tmp_path / "t.bin")
-    tokens = load_tokens(tmp_path / "t.bin")
+def test_sample_windows():
+    tokens = np.arange(100, dtype=np.uint16)
     x, y = sample_windows(tokens, 4, 8, torch.Generator().manual_seed(0))
     assert x.shape == y.shape == (4, 8) and x.dtype == torch.int64
     assert torch.equal(y, x + 1)  # the tokens count up, so the next token is always x + 1
@@ -160,12 +121,9 @@ def test_sample_windows(tmp_path):
     assert sample_windows(tokens, 64, 99, torch.Generator())[1].max().item() == 99  # the last token is reachable
 
 
-def test_token_file_errors(tmp_path):
-    with pytest.raises(UserError, match="does not exist"):
-        load_tokens(tmp_path / "missing.bin")
-    np.arange(8, dtype=np.uint16).tofile(tmp_path / "short.bin")
+def test_too_few_tokens_for_a_window():
     with pytest.raises(UserError, match="too few for one window"):
-        sample_windows(load_tokens(tmp_path / "short.bin"), 1, 8, torch.Generator())
+        sample_windows(np.arange(8, dtype=np.uint16), 1, 8, torch.Generator())
 
 
 # -- other tokenizers, wider ids, and checked folders ----------------------------------------------------
@@ -232,7 +190,7 @@ def test_prepare_stores_uint32_when_ids_do_not_fit_uint16(tmp_path, wide_tokeniz
     assert ids == [1200, *wide_tokenizer.encode_ordinary("A small text for a wide vocabulary.\n" * 40), 70_000]
     x, y = sample_windows(train, 2, 8, torch.Generator().manual_seed(0))
     assert x.dtype == torch.int64 and torch.equal(x[:, 1:], y[:, :-1])
-    assert load_tokens(tmp_path / "out" / "train.bin", "uint32").tolist() == train.tolist()
+    assert np.fromfile(tmp_path / "out" / "train.bin", dtype=np.uint32).tolist() == train.tolist()
 
 
 def test_a_tokenizer_without_end_of_text_cannot_prepare(tmp_path):
@@ -245,18 +203,18 @@ def test_a_tokenizer_without_end_of_text_cannot_prepare(tmp_path):
 
 
 @pytest.fixture
-def prepared(tmp_path):
+def prepared(tmp_path, enc):
     (tmp_path / "t.txt").write_text("Some text to prepare. " * 200)
-    prepare_corpus(tmp_path / "t.txt", tmp_path / "tokens", val_fraction=0.1)
+    prepare_corpus(tmp_path / "t.txt", tmp_path / "tokens", val_fraction=0.1, tokenizer=enc)
     return tmp_path / "tokens"
 
 
 def test_load_token_folder(prepared):
     train, val, meta = load_token_folder(prepared)
     assert (len(train), len(val)) == (meta["train_tokens"], meta["val_tokens"]) and train.dtype == np.uint16
-    meta.pop("dtype")  # a folder written before meta.json named its dtype: uint16
+    meta.pop("dtype")  # a folder written before meta.json named its dtype is prepared again
     (prepared / "meta.json").write_text(json.dumps(meta))
-    assert load_token_folder(prepared)[0].dtype == np.uint16
+    assert "names none" in folder_error(prepared)
 
 
 def folder_error(folder) -> str:
@@ -284,11 +242,3 @@ def test_a_token_folder_that_lies_is_refused(prepared, tmp_path):
     (prepared / "meta.json").unlink()
     assert "meta.json is missing" in folder_error(prepared)
     assert "does not exist" in folder_error(tmp_path / "nowhere")
-
-
-def test_load_tokens_refuses_half_tokens(tmp_path):
-    (tmp_path / "t.bin").write_bytes(b"\0" * 7)
-    with pytest.raises(UserError, match="not a whole number of uint16 tokens"):
-        load_tokens(tmp_path / "t.bin")
-    with pytest.raises(UserError, match="not a whole number of uint32 tokens"):
-        load_tokens(tmp_path / "t.bin", "uint32")

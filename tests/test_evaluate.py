@@ -23,7 +23,8 @@ from conftest import REPO
 from common import UserError, run_stage
 from model import GPT, get_config, save_checkpoint
 from templates import TEMPLATES, prompt_ids
-from tokenizer import get_tokenizer, prepare_corpus
+from corpus import prepare_corpus
+from tokenizer import get_tokenizer
 
 
 pytestmark = pytest.mark.needs_files("gpt2/encoder.json", "gpt2/vocab.bpe")
@@ -349,7 +350,7 @@ def contamination_case(tmp_path: Path) -> tuple[Path, Path]:
 def test_planted_ngrams_are_found_exactly_in_text_and_in_token_folders(tmp_path, monkeypatch, tok):
     assert all(len(tok.encode_ordinary(" " + w)) == 1 for w in WORDS + OTHER_WORDS)  # one token per word
     items, corpus = contamination_case(tmp_path)
-    prepare_corpus(corpus, tmp_path / "tokens", val_fraction=0.5)  # the overlaps straddle both splits' files
+    prepare_corpus(corpus, tmp_path / "tokens", tokenizer=get_tokenizer(), val_fraction=0.5)  # the overlaps straddle both splits' files
     for source in (corpus, tmp_path / "tokens"):
         assert run_cli("contamination", "--eval", items, "--corpus", source)["contaminated"] == [2]
         assert run_cli("contamination", "--eval", items, "--corpus", source, "--n", "12")["contaminated"] == [2, 4]

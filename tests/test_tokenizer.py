@@ -5,7 +5,8 @@ from bench_parts.tokenizer import naive_train
 
 from common import UserError
 from download import fetch
-from tokenizer import BPETokenizer, ENDOFTEXT, get_tokenizer, read_text
+from corpus import read_text
+from tokenizer import BPETokenizer, ENDOFTEXT, get_tokenizer
 
 
 # The shared data that is text (the folder also holds a binary tokenizer.model), by download-cache path.

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, run_in_process
 
+import corpus
 import tokenizer
 from common import UserError
 from tokenizer import BPETokenizer
@@ -85,7 +86,7 @@ def test_prepare_with_a_tokenizer(tmp_path, verdict, capsys):
     code, out, err = run_in_process("tokenizer.py", ["prepare", str(verdict), "--out", str(tmp_path / "data"),
                                                      "--tokenizer", str(FIXTURES / "sp_nmt_nfkc.model")], capsys)
     assert code == 0, err
-    train, val, meta = tokenizer.load_token_folder(tmp_path / "data")
+    train, val, meta = corpus.load_token_folder(tmp_path / "data")
     tok = tokenizer.load_tokenizer(FIXTURES / "sp_nmt_nfkc.model")
     assert [*train, *val] == [tok.bos_id, *tok.encode_ordinary(verdict.read_text(encoding="utf-8")), tok.eos_id]
     assert meta["tokenizer_name"] == str(FIXTURES / "sp_nmt_nfkc.model") and "(uint16)" in out

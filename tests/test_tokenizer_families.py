@@ -13,10 +13,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import hf_tokenizer
+import sentencepiece_tokenizer as sp
 import tokenizer as T
+import tokenizer_base
 
 from common import UserError
-from tokenizer import HFTokenizer, SentencePieceTokenizer, load_tokenizer
+from download import fetch
+from hf_tokenizer import HFTokenizer
+from sentencepiece_tokenizer import SentencePieceTokenizer
+from tokenizer import load_tokenizer
 
 
 FIXTURES = Path(__file__).parent / "fixtures" / "tokenizers"
@@ -62,7 +68,7 @@ def json_folders(tmp_path_factory) -> dict[str, Path]:
 def loaded(json_folders):
     def load(name: str):
         if name == "mistral":
-            return load_tokenizer(T.fetch(MISTRAL))
+            return load_tokenizer(fetch(MISTRAL))
         return load_tokenizer(FIXTURES / name if name in SP_FIXTURES else json_folders[name])
     return load
 
@@ -112,7 +118,7 @@ def test_pieces_and_special_ids_match_the_reference(loaded, name):
         assert tok.eos_id == (None if expected["eos_id"] == -1 else expected["eos_id"])
     if tok.eos_id is not None:
         assert tok.eot_token == tok.eos_id
-    assert T.bos(tok) == ([] if tok.bos_id is None else [tok.bos_id])
+    assert tokenizer_base.bos(tok) == ([] if tok.bos_id is None else [tok.bos_id])
 
 
 # Which shared texts each tokenizer is checked on: all of them where it matters most, the smaller
@@ -239,7 +245,7 @@ def test_a_document_whose_parts_never_agree_is_encoded_whole():
         return [text]
     text = "line of text\n" * 2000
     blocks = [text[i:i + 100] for i in range(0, len(text), 100)]
-    parts = list(T._stream_encode(blocks, units, lambda us: [len(u) for u in us], max_failures=3))
+    parts = list(tokenizer_base.stream_encode(blocks, units, lambda us: [len(u) for u in us], max_failures=3))
     assert parts == [[len(text)]] and len(calls) < 20  # three tries at two places each, then held to the end
 
 
@@ -282,11 +288,11 @@ def test_splitting_behaviours_match_tokenizers():
                 "MergedWithNext": (["the", "-final", "-", "-countdown"], ["the-", "final-", "-", "countdown"]),
                 "Contiguous": (["the", "-", "final", "--", "countdown"],) * 2}
     for behavior, (plain, inverted) in expected.items():
-        assert T._splitter(dash, behavior)(text)[0] == plain, behavior
-        assert T._splitter(dash, behavior, invert=True)(text)[0] == inverted, behavior
-    digits = T._hf_pre_tokenizer({"type": "Digits", "individual_digits": False})
+        assert hf_tokenizer._splitter(dash, behavior)(text)[0] == plain, behavior
+        assert hf_tokenizer._splitter(dash, behavior, invert=True)(text)[0] == inverted, behavior
+    digits = hf_tokenizer._hf_pre_tokenizer({"type": "Digits", "individual_digits": False})
     assert [w for w, _, _ in digits([("ab12c3 4", True, True)])] == ["ab", "12", "c", "3", " ", "4"]
-    words = T._hf_pre_tokenizer({"type": "Whitespace"})
+    words = hf_tokenizer._hf_pre_tokenizer({"type": "Whitespace"})
     assert [w for w, _, _ in words([("Hey, you!! ok", True, True)])] == ["Hey", ",", "you", "!!", "ok"]
 
 
@@ -307,13 +313,13 @@ def encode_fields(fields: list[tuple[int, int | bytes]]) -> bytes:
 
 def test_protobuf_fields_round_trip():
     fields = [(1, b"piece"), (2, 300), (3, 0), (35, 1), (1, b""), (536870911, 2**63)]
-    assert list(T.protobuf_fields(encode_fields(fields))) == fields
-    assert list(T.protobuf_fields(b"\x15\x00\x00\x80\x3f")) == [(2, b"\x00\x00\x80\x3f")]  # a float: 4 bytes
+    assert list(sp.protobuf_fields(encode_fields(fields))) == fields
+    assert list(sp.protobuf_fields(b"\x15\x00\x00\x80\x3f")) == [(2, b"\x00\x00\x80\x3f")]  # a float: 4 bytes
 
 
 def test_charsmap_rules():
-    model = T.read_sentencepiece_model((FIXTURES / "sp_nmt_nfkc.model").read_bytes())
-    rules = T.read_charsmap(model["normalizer"][2])
+    model = sp.read_sentencepiece_model((FIXTURES / "sp_nmt_nfkc.model").read_bytes())
+    rules = sp.read_charsmap(model["normalizer"][2])
     assert len(rules) > 200_000
     assert rules["Ａ"] == "A" and rules["ﬁ"] == "fi" and rules["e\u0301"] == "é" and rules["\t"] == " "
     assert "a" not in rules
@@ -345,16 +351,16 @@ def test_truncated_sentencepiece_model(tmp_path):
 
 def test_sentencepiece_model_of_another_type(tmp_path):
     data = (FIXTURES / "sp_identity.model").read_bytes()
-    fields = [(f, encode_fields([(3, 1), *((k, v) for k, v in T.protobuf_fields(value) if k != 3)]) if f == 2 else value)
-              for f, value in T.protobuf_fields(data)]  # trainer_spec.model_type = UNIGRAM
+    fields = [(f, encode_fields([(3, 1), *((k, v) for k, v in sp.protobuf_fields(value) if k != 3)]) if f == 2 else value)
+              for f, value in sp.protobuf_fields(data)]  # trainer_spec.model_type = UNIGRAM
     (tmp_path / "unigram.model").write_bytes(encode_fields(fields))
     assert "SentencePiece Unigram model; only BPE" in error_of(tmp_path / "unigram.model")
 
 
 def test_corrupt_normalisation_rules(tmp_path):
     data = (FIXTURES / "sp_nmt_nfkc.model").read_bytes()
-    fields = [(f, encode_fields([(k, b"\xff" * 4 + v[4:] if k == 2 else v) for k, v in T.protobuf_fields(value)])
-               if f == 3 else value) for f, value in T.protobuf_fields(data)]  # the rules' trie size: garbage
+    fields = [(f, encode_fields([(k, b"\xff" * 4 + v[4:] if k == 2 else v) for k, v in sp.protobuf_fields(value)])
+               if f == 3 else value) for f, value in sp.protobuf_fields(data)]  # the rules' trie size: garbage
     (tmp_path / "bad.model").write_bytes(encode_fields(fields))
     assert "corrupt SentencePiece model" in error_of(tmp_path / "bad.model")
 

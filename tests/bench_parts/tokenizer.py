@@ -22,7 +22,8 @@ import regex
 
 from common import UserError
 from download import fetch
-from tokenizer import BPETokenizer, GPT2_PATTERN, get_tokenizer, load_tokenizer, merge_pair, prepare_corpus
+from corpus import prepare_corpus
+from tokenizer import BPETokenizer, GPT2_PATTERN, get_tokenizer, load_tokenizer, merge_pair
 
 
 
@@ -173,7 +174,7 @@ def prepare_rows(args: argparse.Namespace, text: str) -> list[dict]:
         corpus.mkdir()
         for i in range(args.prepare_copies):
             (corpus / f"{i:03d}.txt").write_text(text, encoding="utf-8")
-        result = prepare_corpus(corpus, Path(tmp) / "out")
+        result = prepare_corpus(corpus, Path(tmp) / "out", tokenizer=get_tokenizer())
     return [{"what": "prepare_corpus (tiktoken, threads)", "value": result["mb_per_s"], "unit": "MB/s",
              "detail": f"{result['bytes'] / 1e6:.0f} MB, {args.prepare_copies} files, "
                        f"{result['train_tokens'] + result['val_tokens']:,} tokens"}]
