@@ -2,6 +2,7 @@
 checks on a prepared folder, window sampling."""
 import json
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +86,15 @@ def test_prepare_folder_and_glob_make_one_document_per_file(tmp_path, enc):
     assert result["sources"] == [str(corpus / "a.txt"), str(corpus / "sub" / "b.txt")]
     prepare_corpus(str(corpus / "**" / "*.txt"), tmp_path / "glob", val_fraction=0.0, tokenizer=enc)
     assert tokens_of(tmp_path / "glob") == expected
+
+
+def test_prepare_progress_counts_every_file(tmp_path, enc, capsys):
+    # The progress line's last total is every token written, the last file's included.
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_text("Tokens to count, file by file.\n" * 50)
+    result = prepare_corpus(str(tmp_path / "*.txt"), tmp_path / "out", tokenizer=enc)
+    shown = re.findall(r"([\d,]+) tokens", capsys.readouterr().err)[-1]
+    assert int(shown.replace(",", "")) == result["train_tokens"] + result["val_tokens"] > 100
 
 
 def test_prepare_errors(tmp_path, enc):
