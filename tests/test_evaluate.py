@@ -381,19 +381,22 @@ def test_ngram_hash_hits_are_checked_token_by_token(monkeypatch):
     assert list(colliding.matches(corpus)) == [(0, 1), (1, 4)]
 
 
-def test_a_uint16_token_folder_without_dtype_is_read(tmp_path, tok):
+def test_a_token_folder_is_checked_against_the_models_vocabulary(tmp_path, tok):
     items, _ = contamination_case(tmp_path)
     question = ev.load_items(items)[2].question
     ids = np.array(tok.encode_ordinary("one two " + question + " three"), dtype=np.uint16)
-    folder = tmp_path / "old"
+    folder = tmp_path / "folder"
     folder.mkdir()
     ids.tofile(folder / "train.bin")
     np.zeros(0, np.uint16).tofile(folder / "val.bin")
-    (folder / "meta.json").write_text(json.dumps({"vocab_size": 50257, "eot_token": 50256, "train_tokens": len(ids),
-                                                  "val_tokens": 0, "sources": []}))
+    meta = {"vocab_size": 50257, "dtype": "uint16", "eot_token": 50256, "train_tokens": len(ids), "val_tokens": 0}
+    (folder / "meta.json").write_text(json.dumps(meta))
     assert run_cli("contamination", "--eval", items, "--corpus", folder)["contaminated"] == [2]
-    (folder / "meta.json").write_text(json.dumps({"vocab_size": 32000, "train_tokens": len(ids), "val_tokens": 0}))
+    (folder / "meta.json").write_text(json.dumps({**meta, "vocab_size": 32000}))
     with pytest.raises(UserError, match="vocabulary of 32000 tokens"):
+        run_cli("contamination", "--eval", items, "--corpus", folder)
+    (folder / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "dtype"}))
+    with pytest.raises(UserError, match="names none"):  # prepared before meta.json named its dtype
         run_cli("contamination", "--eval", items, "--corpus", folder)
 
 
