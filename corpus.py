@@ -211,10 +211,10 @@ def load_token_folder(folder: str | Path) -> tuple[np.ndarray, np.ndarray, dict]
     meta.json's contents, after checking that meta.json is whole and that each .bin file holds the
     number of tokens it says."""
     folder = Path(folder)
-    again = f"prepare it again with: python tokenizer.py prepare INPUT --out {folder}"
+    again = f"prepare it again with: python tokenizer.py prepare INPUT --out-dir {folder}"
     if not folder.is_dir():
         raise UserError(f"the token folder {folder} does not exist; make it with: python tokenizer.py prepare "
-                        f"INPUT --out {folder}")
+                        f"INPUT --out-dir {folder}")
     meta_path = folder / "meta.json"
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))

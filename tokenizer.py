@@ -3,7 +3,7 @@ stages get a tokenizer (GPT-2's, or any model's from its files), and the tokeniz
 
     python tokenizer.py encode "Hello, world! It's 2024 <|endoftext|>"
     python tokenizer.py train corpus.txt --vocab-size 1000 --out out/bpe.json
-    python tokenizer.py prepare 'corpus/*.txt' --out out/tokens
+    python tokenizer.py prepare 'corpus/*.txt' --out-dir out/tokens
 
 Reading order: `BPETokenizer` (training, encoding, decoding, loading OpenAI's GPT-2 files), then
 `get_tokenizer`, then `load_tokenizer` for a model's own files (sentencepiece_tokenizer.py and
@@ -473,9 +473,9 @@ def prepare_command(args: argparse.Namespace) -> dict:
     # meta.json names the tokenizer as model cards do: a path, or its place in the download cache
     tokenizer_name = NAMED_TOKENIZERS.get(args.tokenizer) or (str(Path(args.tokenizer).resolve()) if args.tokenizer
                                                                else "gpt2")
-    out = writable_folder(args.out, "--out")
+    out = writable_folder(args.out_dir, "--out-dir")
     if not args.force and any((out / name).exists() for name in ("train.bin", "val.bin", "meta.json")):
-        raise UserError(f"{out} already holds prepared tokens; use --force to replace them, or choose another --out")
+        raise UserError(f"{out} already holds prepared tokens; use --force to replace them, or choose another --out-dir")
     result = prepare_corpus(args.input, out, tokenizer=tok, tokenizer_name=tokenizer_name,
                             val_fraction=args.val_fraction, errors=args.errors, num_threads=args.threads)
     print(f"{result['train_tokens']:,} train and {result['val_tokens']:,} val tokens ({result['dtype']}) from "
@@ -515,7 +515,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     encode = commands.add_parser("encode", help="ids and pieces of TEXT (GPT-2's two backends, or --tokenizer)")
     encode.add_argument("text", help="text to encode")
-    encode.add_argument("--tokenizer", default=None,
+    # default=SUPPRESS: the help says what no --tokenizer means, rather than "(default: None)"
+    encode.add_argument("--tokenizer", default=argparse.SUPPRESS,
                         help="a tokenizer.model, tokenizer.json or model folder, or 'mistral' (Mistral 7B's, "
                              "downloaded once; needs HF_TOKEN) (default: GPT-2, both backends)")
     encode.add_argument("--special", action=argparse.BooleanOptionalAction, default=True,
@@ -524,8 +525,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     prepare = commands.add_parser("prepare", help="tokenize a corpus into train.bin / val.bin")
     prepare.add_argument("input", help="a text file, a folder of text files, or a glob")
-    prepare.add_argument("--out", type=Path, default=Path("out/tokens"), help="output folder")
-    prepare.add_argument("--tokenizer", default=None,
+    prepare.add_argument("--out-dir", type=Path, default=Path("out/tokens"),
+                         help="folder for train.bin, val.bin and meta.json")
+    prepare.add_argument("--tokenizer", default=argparse.SUPPRESS,
                          help="a tokenizer.model, tokenizer.json or model folder, or 'mistral' (default: GPT-2 "
                               "through tiktoken)")
     prepare.add_argument("--val-fraction", type=unit_interval, default=0.1,
@@ -537,12 +539,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("input", help="a text file, a folder of text files, or a glob")
     train.add_argument("--vocab-size", type=vocab_size_flag, default=1000,
                        help="tokens in the vocabulary, special ones included")
+    # --out, not --out-dir: train writes one file (a vocabulary), not a run folder
     train.add_argument("--out", type=Path, default=Path("out/bpe-tokenizer.json"), help="vocabulary file to write")
 
     for sub in (prepare, train):
         sub.add_argument("--errors", choices=("strict", "replace"), default="strict",
                          help="what to do with bytes that are not UTF-8: stop with an error, or decode as U+FFFD")
-        sub.add_argument("--force", action="store_true", help="replace what an earlier run wrote to --out")
+        sub.add_argument("--force", action="store_true", help="replace what an earlier run wrote there")
     return parser.parse_args(argv)
 
 

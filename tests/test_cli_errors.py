@@ -61,8 +61,8 @@ CASES = [
     ("load_gpt2.py", "--init random --preset tiny --export {file}"),
     ("load_gpt2.py", "--top 0"),
     # tokenizer.py
-    ("tokenizer.py", "prepare {tmp}/missing.txt --out {tmp}/t1"), ("tokenizer.py", "prepare {file} --out {file}"),
-    ("tokenizer.py", "prepare {file} --out {file}/sub"), ("tokenizer.py", "prepare {file} --val-fraction 1.5"),
+    ("tokenizer.py", "prepare {tmp}/missing.txt --out-dir {tmp}/t1"), ("tokenizer.py", "prepare {file} --out-dir {file}"),
+    ("tokenizer.py", "prepare {file} --out-dir {file}/sub"), ("tokenizer.py", "prepare {file} --val-fraction 1.5"),
     ("tokenizer.py", "prepare {file} --threads 0"), ("tokenizer.py", "train {file} --out {file}/sub/v.json"),
     ("tokenizer.py", "train {file} --vocab-size 10 --out {tmp}/v.json"), ("tokenizer.py", "train {junk} --out {tmp}/v2.json"),
     ("tokenizer.py", "encode"),

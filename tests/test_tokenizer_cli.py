@@ -76,14 +76,14 @@ def test_train_and_prepare_commands(tmp_path, verdict):
     assert result.returncode == 0, result.stderr
     assert BPETokenizer.load(tmp_path / "tok.json").n_vocab == 300
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tok.json"]  # nothing else left behind
-    result = run("prepare", str(verdict), "--out", str(tmp_path / "data"))
+    result = run("prepare", str(verdict), "--out-dir", str(tmp_path / "data"))
     assert result.returncode == 0, result.stderr
     meta = json.loads((tmp_path / "data" / "meta.json").read_text())
     assert meta["train_tokens"] > 4000 and meta["tokenizer_name"] == "gpt2"
 
 
 def test_prepare_with_a_tokenizer(tmp_path, verdict, capsys):
-    code, out, err = run_in_process("tokenizer.py", ["prepare", str(verdict), "--out", str(tmp_path / "data"),
+    code, out, err = run_in_process("tokenizer.py", ["prepare", str(verdict), "--out-dir", str(tmp_path / "data"),
                                                      "--tokenizer", str(FIXTURES / "sp_nmt_nfkc.model")], capsys)
     assert code == 0, err
     train, val, meta = corpus.load_token_folder(tmp_path / "data")
@@ -93,7 +93,7 @@ def test_prepare_with_a_tokenizer(tmp_path, verdict, capsys):
 
 
 def test_user_error_is_one_line_and_nonzero_exit(tmp_path):
-    result = run("prepare", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "data"))
+    result = run("prepare", str(tmp_path / "missing.txt"), "--out-dir", str(tmp_path / "data"))
     assert result.returncode != 0
     assert result.stderr == f"error: {tmp_path / 'missing.txt'} does not exist\n"
     assert not (tmp_path / "data").exists()
@@ -123,7 +123,7 @@ def test_out_that_is_a_file_or_unwritable(tmp_path, verdict, capsys, command):
     # As root, permission bits do not stop writes; a path under a regular file cannot be written by anyone.
     for out in (regular, regular / "sub" / ("data" if command == "prepare" else "v.json")):
         extra = ["--vocab-size", "300"] if command == "train" else []
-        code, _, err = run_in_process("tokenizer.py", [command, str(verdict), "--out", str(out), *extra], capsys)
+        code, _, err = run_in_process("tokenizer.py", [command, str(verdict), "--out-dir" if command == "prepare" else "--out", str(out), *extra], capsys)
         assert str(out) in one_error_line(code, err)
     assert regular.read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["regular"]  # nothing left behind
@@ -136,7 +136,7 @@ def test_train_into_a_folder_is_refused(tmp_path, verdict, capsys):
 
 
 def test_earlier_results_are_kept_unless_forced(tmp_path, verdict, capsys):
-    for argv in (["prepare", str(verdict), "--out", str(tmp_path / "data")],
+    for argv in (["prepare", str(verdict), "--out-dir", str(tmp_path / "data")],
                  ["train", str(verdict), "--out", str(tmp_path / "v.json"), "--vocab-size", "260"]):
         assert run_in_process("tokenizer.py", argv, capsys)[0] == 0
         before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
@@ -144,3 +144,19 @@ def test_earlier_results_are_kept_unless_forced(tmp_path, verdict, capsys):
         assert "--force" in one_error_line(code, err)
         assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == before
         assert run_in_process("tokenizer.py", [*argv, "--force"], capsys)[0] == 0
+
+
+@pytest.mark.parametrize("command", ["encode", "prepare", "train"])
+def test_help_says_each_default_once(command, capsys):
+    with pytest.raises(SystemExit):
+        tokenizer.parse_args([command, "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in help_text
+    for flag_help in help_text.split(" --")[1:]:
+        assert flag_help.count("(default:") <= 1, flag_help
+
+
+def test_prepare_writes_into_out_dir(tmp_path, verdict, capsys):
+    code, _, _ = run_in_process("tokenizer.py", ["prepare", str(verdict), "--out-dir", str(tmp_path / "tokens")], capsys)
+    assert code == 0 and sorted(p.name for p in (tmp_path / "tokens").iterdir()) == ["meta.json", "train.bin", "val.bin"]
+
