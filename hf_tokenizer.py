@@ -237,6 +237,15 @@ def _hf_decoder(spec: dict | None):
     raise ValueError(f"the decoder {kind!r} is not supported")
 
 
+def _decoder_kinds(spec: dict | None) -> set[str]:
+    """The "type" of each step of tokenizer.json's "decoder", through nested Sequences."""
+    if spec is None:
+        return set()
+    if spec.get("type") == "Sequence":
+        return set().union(*(_decoder_kinds(s) for s in spec["decoders"]))
+    return {spec.get("type")}
+
+
 _BYTE_TOKEN = regex.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
@@ -311,6 +320,7 @@ class HFTokenizer:
         self.normalizer = _hf_normalizer(spec.get("normalizer"))
         self.pre_tokenizer = _hf_pre_tokenizer(spec.get("pre_tokenizer"))
         self.decoder = _hf_decoder(spec.get("decoder"))
+        self._byte_level = "ByteLevel" in _decoder_kinds(spec.get("decoder"))  # tokens spelled as GPT-2's vocab files
         self.bos_id = _hf_bos_id(spec.get("post_processor"))
 
         # Added tokens: an existing vocabulary token keeps its id. Tokens marked "normalized" are
@@ -369,6 +379,16 @@ class HFTokenizer:
 
     def id_to_piece(self, i: int) -> str:
         return self._tokens[i] if 0 <= i < len(self._tokens) and self._tokens[i] is not None else ""
+
+    def decode_single_token_bytes(self, i: int) -> bytes:
+        """The bytes token i stands for: a <0xNN> token's byte, a byte-level token's bytes (GPT-2's
+        printable spelling undone), else its text with '▁' as a space."""
+        token, table = self.id_to_piece(i), unicode_to_bytes()
+        if self.byte_fallback and _BYTE_TOKEN.fullmatch(token):
+            return bytes([int(token[3:5], 16)])
+        if self._byte_level and all(c in table for c in token):
+            return bytes(table[c] for c in token)
+        return token.replace(SPACE, " ").encode("utf-8")
 
     def encode(self, text: str, *, allowed_special: Literal["all"] | Set[str] = "all") -> list[int]:
         """tokenizers' encode(text, add_special_tokens=False).ids: special-token text becomes its id

@@ -345,6 +345,13 @@ class SentencePieceTokenizer:
     def id_to_piece(self, i: int) -> str:
         return self.pieces[i]
 
+    def decode_single_token_bytes(self, i: int) -> bytes:
+        """The bytes piece i stands for: a byte piece's one byte, '▁' as a space, a control piece as its
+        text ("<s>")."""
+        if self.types[i] == PIECE_BYTE:
+            return bytes([self._byte_values[i]])
+        return self.pieces[i].replace(SPACE, " ").encode("utf-8")
+
     def encode_ordinary(self, text: str) -> list[int]:
         """Text -> ids as SentencePieceProcessor.encode(text): no BOS/EOS, nothing special."""
         try:

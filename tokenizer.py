@@ -422,6 +422,15 @@ def _load_tokenizer_cached(path: Path, mtime_ns: int, size: int):
 SAMPLE_TEXT = "Hello, world! It's 2024 and GPT-2 still splits   spaces, naïve café 🤖 <|endoftext|>"
 
 
+def show_piece(token: bytes) -> str:
+    """A token's bytes as the command line shows them, the same for every tokenizer: as text where they
+    are valid UTF-8 on their own (' was'), else as raw bytes (b'\\xf0\\x9f', a part of an emoji)."""
+    try:
+        return repr(token.decode("utf-8"))
+    except UnicodeDecodeError:
+        return repr(token)
+
+
 def show_encodings(text: str, special: bool) -> dict:
     """Print ids and pieces from both backends and whether they agree."""
     ids = {}
@@ -429,9 +438,9 @@ def show_encodings(text: str, special: bool) -> dict:
         tok = get_tokenizer(backend)
         ids[backend] = (tok.encode(text, allowed_special="all") if special
                         else tok.encode(text, disallowed_special=()))
-        pieces = [tok.decode_single_token_bytes(i).decode("utf-8", "replace") for i in ids[backend]]
+        pieces = [show_piece(tok.decode_single_token_bytes(i)) for i in ids[backend]]
         print(f"{backend:>8} ids    ({len(ids[backend])}): {ids[backend]}")
-        print(f"{backend:>8} pieces: {' | '.join(repr(p) for p in pieces)}")
+        print(f"{backend:>8} pieces: {' | '.join(pieces)}")
     agree = ids["tiktoken"] == ids["scratch"]
     print(f"text: {text!r}\nbackends agree: {'yes' if agree else 'NO'}")
     return {"text": text, **ids, "agree": agree}
@@ -440,10 +449,10 @@ def show_encodings(text: str, special: bool) -> dict:
 def show_tokenizer(tok, text: str, special: bool) -> dict:
     """Print the ids and pieces of `text` through a tokenizer read by load_tokenizer, and its decoding."""
     ids = tok.encode(text, allowed_special="all") if special else tok.encode_ordinary(text)
-    pieces = [tok.id_to_piece(i) for i in ids]
+    pieces = [show_piece(tok.decode_single_token_bytes(i)) for i in ids]
     decoded = tok.decode(ids)
     print(f"ids    ({len(ids)}): {ids}")
-    print(f"pieces: {' | '.join(repr(p) for p in pieces)}")
+    print(f"pieces: {' | '.join(pieces)}")
     print(f"decoded: {decoded!r}")
     print(f"{type(tok).__name__}: {tok.n_vocab:,} tokens; bos_id {tok.bos_id}, eos_id {tok.eos_id}")
     return {"text": text, "ids": ids, "pieces": pieces, "decoded": decoded}
@@ -461,7 +470,7 @@ def train_command(args: argparse.Namespace) -> dict:
     tok.save(args.out)
     n_tokens = len(tok.encode(text, allowed_special="all"))
     bytes_per_token = len(text.encode("utf-8")) / max(n_tokens, 1)
-    first = [tok.vocab[i].decode("utf-8", "replace") for i in range(256, min(266, len(tok.ranks)))]
+    first = ", ".join(show_piece(tok.vocab[i]) for i in range(256, min(266, len(tok.ranks))))
     print(f"trained {tok.n_vocab} tokens on {len(text.encode('utf-8')) / 1e6:.2f} MB in {seconds:.2f} s; "
           f"{bytes_per_token:.2f} bytes per token; first merges {first}; saved {args.out}")
     return {"vocab_size": tok.n_vocab, "seconds": seconds, "bytes_per_token": bytes_per_token, "out": str(args.out)}

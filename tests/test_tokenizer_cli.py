@@ -55,7 +55,25 @@ def test_encode_with_a_tokenizer_file():
     tok = tokenizer.load_tokenizer(FIXTURES / "sp_identity.model")
     ids = tok.encode("Hello world<s>", allowed_special="all")
     assert f"ids    ({len(ids)}): {ids}" in result.stdout and ids[-1] == tok.bos_id
-    assert " | ".join(repr(tok.id_to_piece(i)) for i in ids) in result.stdout
+    assert "pieces: 'H' | " in result.stdout and "' w'" in result.stdout and "'<s>'" in result.stdout
+    assert "\u2581" not in result.stdout  # '▁' is shown as the space it stands for
+
+
+def test_pieces_are_shown_the_same_way_for_every_tokenizer(tmp_path, capsys):
+    # A part of a character shows as its raw bytes (GPT-2's emoji, SentencePiece's byte pieces), never as
+    # U+FFFD; a trained vocabulary's pieces show as text (' was'), as GPT-2's do, not as its file spells them.
+    code, gpt2, _ = run_in_process("tokenizer.py", [], capsys)
+    assert code == 0 and "\ufffd" not in gpt2 and "b' \\xf0\\x9f'" in gpt2 and "' world'" in gpt2
+    code, out, _ = run_in_process("tokenizer.py", ["encode", "--tokenizer", str(FIXTURES / "sp_identity.model"),
+                                                   "a 🤖"], capsys)
+    assert code == 0 and "\ufffd" not in out and "b'\\xf0'" in out
+    text = tmp_path / "t.txt"
+    text.write_text("the cat was here and it was a cat that was\n" * 5)
+    assert run_in_process("tokenizer.py", ["train", str(text), "--vocab-size", "270", "--out",
+                                           str(tmp_path / "bpe.json")], capsys)[0] == 0
+    code, out, _ = run_in_process("tokenizer.py", ["encode", "--tokenizer", str(tmp_path / "bpe.json"), " it was"],
+                                  capsys)
+    assert code == 0 and "' was'" in out and "\u0120" not in out  # not 'Ġwas'
 
 
 def test_encode_shows_a_tokenizer_json_without_specials(capsys):

@@ -170,6 +170,16 @@ def test_mistral_tokenizer_json_gives_the_models_ids_on_ordinary_text(loaded, of
 
 # -- the fast paths change nothing ----------------------------------------------------------------------
 
+@pytest.mark.parametrize("name", with_mistral(["sp_identity.model", "mistral", "gpt2_converted", "llama3_style",
+                                                 "mistral_converted"]))
+def test_the_bytes_of_each_piece_spell_the_text(loaded, name):
+    # What `python tokenizer.py encode` shows: each token's own bytes (a byte piece's byte, '▁' as a
+    # space, GPT-2's printable spelling undone); joined, they spell the text (after a dummy prefix).
+    tok, text = loaded(name), "Hello world, it's 2024 🤖 naïve"
+    spelled = b"".join(tok.decode_single_token_bytes(i) for i in tok.encode_ordinary(text)).decode("utf-8")
+    assert spelled in (text, " " + text)
+
+
 @pytest.mark.parametrize("name", with_mistral([*SP_FIXTURES, "mistral", "mistral_legacy", "gpt2_converted"]))
 def test_chunked_encoding_equals_merging_the_whole_text(loaded, offline_cache, name):
     tok = loaded(name)
