@@ -24,20 +24,6 @@ from common import ProgressLine, RunLock, UserError, atomic_write
 from tokenizer_base import bos
 
 
-def _bad_utf8(path: Path, offset: int) -> UserError:
-    return UserError(f"{path} is not valid UTF-8 (bad byte at offset {offset}); convert it to UTF-8, or decode "
-                     f"with replacement characters (errors='replace', on the command line --errors replace)")
-
-
-def open_error(path: Path, e: OSError) -> UserError:
-    """An OSError met opening `path` as one sentence."""
-    if isinstance(e, FileNotFoundError):
-        return UserError(f"{path} does not exist")
-    if isinstance(e, IsADirectoryError):
-        return UserError(f"{path} is a folder, not a text file")
-    return UserError(f"cannot read {path} ({e.strerror})")
-
-
 def read_text(path: str | Path, errors: str = "strict") -> str:
     """A whole UTF-8 text file; errors="replace" decodes bad bytes as U+FFFD instead of failing."""
     path = Path(path)
@@ -257,4 +243,17 @@ def sample_windows(tokens: np.ndarray, batch_size: int, block_size: int,
     return x, y  # (B, T), (B, T)
 
 
-# ----------------------------------------------------------------------------------------------
+# -- a file that cannot be read, in one sentence ------------------------------------------------
+
+def _bad_utf8(path: Path, offset: int) -> UserError:
+    return UserError(f"{path} is not valid UTF-8 (bad byte at offset {offset}); convert it to UTF-8, or decode "
+                     f"with replacement characters (errors='replace', on the command line --errors replace)")
+
+
+def open_error(path: Path, e: OSError) -> UserError:
+    """An OSError met opening `path` as one sentence."""
+    if isinstance(e, FileNotFoundError):
+        return UserError(f"{path} does not exist")
+    if isinstance(e, IsADirectoryError):
+        return UserError(f"{path} is a folder, not a text file")
+    return UserError(f"cannot read {path} ({e.strerror})")

@@ -45,6 +45,12 @@ from tokenizer_base import (encode_with_specials, line_break_run, lone_surrogate
 #
 # The tokenizer is fully described by `ranks`: token bytes -> id, where a token's id is also its
 # merge priority (a lower id was learned earlier). This is exactly how tiktoken stores it.
+#
+# OpenAI's vocabulary files (and ours) store tokens as text, so each byte is spelled as one printable
+# character (tokenizer_base.bytes_to_unicode, shared with the tokenizer.json reader): bytes that are
+# printable characters spell themselves; the other 68 (control bytes, space, a few Latin-1 ones) are
+# spelled by the characters U+0100, U+0101, ... in order, so b" world" is written "Ġworld" and a
+# newline "Ċ". token_text and token_bytes convert between the two.
 
 ENDOFTEXT = "<|endoftext|>"
 
@@ -53,8 +59,6 @@ ENDOFTEXT = "<|endoftext|>"
 # word, so " world" keeps its space). This is tiktoken's spelling of GPT-2's pattern; the possessive
 # quantifiers (++) only make it faster. Note the contractions are lower case only, as in GPT-2.
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
-
-
 
 
 def read_gpt2_files(encoder_path: Path, vocab_path: Path) -> tuple[dict[bytes, int], dict[str, int]]:
@@ -395,11 +399,11 @@ def load_tokenizer(path: str | Path) -> "SentencePieceTokenizer | HFTokenizer | 
         stat = path.stat()
     except OSError as e:
         raise open_error(path, e) from None
-    return _load_tokenizer_cached(path.resolve(), stat.st_mtime_ns, stat.st_size)
+    return _read_tokenizer(path.resolve(), stat.st_mtime_ns, stat.st_size)
 
 
 @functools.lru_cache(maxsize=8)
-def _load_tokenizer_cached(path: Path, mtime_ns: int, size: int):
+def _read_tokenizer(path: Path, mtime_ns: int, size: int):
     """The tokenizer in the file at path; the file's mtime and size are part of the cache key."""
     try:
         data = path.read_bytes()

@@ -1,13 +1,14 @@
 """What every tokenizer of the project shares: GPT-2's table from bytes to printable characters, the
-text that comes before a document, special tokens cut out of a text, and the places where a long
-document can be cut so that each part is encoded on its own with the ids of the whole.
+ids that start a document, special tokens cut out of a text, the places where a long document can be
+cut so that each part is encoded on its own with the ids of the whole, and the chunks of a text that
+no merge crosses.
 
     from tokenizer_base import bytes_to_unicode
     bytes_to_unicode()[ord(" ")]  # 'Ġ': how GPT-2's vocabulary files write a space
 
-tokenizer.py (GPT-2's BPE), family_tokenizers.py (SentencePiece and tokenizer.json) and corpus.py
-(token files) all import this file; it imports none of them, so none of them imports another to
-reach these pieces.
+tokenizer.py (GPT-2's BPE and the command line), sentencepiece_tokenizer.py, hf_tokenizer.py and
+corpus.py (token files) import this file and it imports none of them, as minbpe's tokenizers share
+its base.py: the command line in tokenizer.py uses the other three, so they cannot import it.
 """
 import functools
 import re
@@ -171,7 +172,6 @@ def chunk_regex(joined: set[str], space: str) -> "re.Pattern":
         words = f"{re.escape(space)}*{char_class(touched - {space})}+|"
         return re.compile(f"{words}{re.escape(space)}+|{untouched}")
     return re.compile(f"{char_class(touched)}+|{untouched}")
-
 
 
 def fuse_repeats(ids: list[int], token: int) -> list[int]:
