@@ -342,9 +342,6 @@ class SentencePieceTokenizer:
             raise UserError(f"{self.name} has no end-of-sentence control piece to end a text with")
         return self.eos_id
 
-    def id_to_piece(self, i: int) -> str:
-        return self.pieces[i]
-
     def decode_single_token_bytes(self, i: int) -> bytes:
         """The bytes piece i stands for: a byte piece's one byte, '▁' as a space, a control piece as its
         text ("<s>")."""

@@ -278,10 +278,6 @@ class BPETokenizer:
     def decode_single_token_bytes(self, token: int) -> bytes:
         return self.vocab[token]
 
-    def id_to_piece(self, token: int) -> str:
-        """A token as vocabulary files spell it (GPT-2's printable characters: ' world' is 'Ġworld')."""
-        return token_text(self.vocab[token])
-
     def decode_bytes(self, ids: Sequence[int]) -> bytes:
         return b"".join(self.vocab[i] for i in ids)
 

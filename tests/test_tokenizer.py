@@ -7,6 +7,7 @@ from common import UserError
 from download import fetch
 from corpus import read_text
 from tokenizer import BPETokenizer, ENDOFTEXT, get_tokenizer
+from tokenizer_base import token_text
 
 
 # The shared data that is text (the folder also holds a binary tokenizer.model), by download-cache path.
@@ -206,5 +207,5 @@ def test_load_of_a_bad_file_is_a_user_error(tmp_path):
 
 
 def test_gpt2_pieces_in_their_printable_spelling(scratch):
-    assert [scratch.id_to_piece(i) for i in scratch.encode("Hello world\n<|endoftext|>", allowed_special="all")] == [
+    assert [token_text(scratch.decode_single_token_bytes(i)) for i in scratch.encode("Hello world\n<|endoftext|>", allowed_special="all")] == [
         "Hello", "Ġworld", "Ċ", "<|endoftext|>"]
