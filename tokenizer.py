@@ -484,7 +484,8 @@ def prepare_command(args: argparse.Namespace) -> dict:
                                                                else "gpt2")
     out = writable_folder(args.out_dir, "--out-dir")
     if not args.force and any((out / name).exists() for name in ("train.bin", "val.bin", "meta.json")):
-        raise UserError(f"{out} already holds prepared tokens; use --force to replace them, or choose another --out-dir")
+        raise UserError(f"{out} already holds prepared tokens; use --force to replace them, or choose another "
+                        f"--out-dir")
     result = prepare_corpus(args.input, out, tokenizer=tok, tokenizer_name=tokenizer_name,
                             val_fraction=args.val_fraction, errors=args.errors, num_threads=args.threads)
     print(f"{result['train_tokens']:,} train and {result['val_tokens']:,} val tokens ({result['dtype']}) from "

@@ -175,6 +175,7 @@ def test_help_says_each_default_once(command, capsys):
 
 
 def test_prepare_writes_into_out_dir(tmp_path, verdict, capsys):
-    code, _, _ = run_in_process("tokenizer.py", ["prepare", str(verdict), "--out-dir", str(tmp_path / "tokens")], capsys)
-    assert code == 0 and sorted(p.name for p in (tmp_path / "tokens").iterdir()) == ["meta.json", "train.bin", "val.bin"]
+    out = tmp_path / "tokens"
+    code, _, _ = run_in_process("tokenizer.py", ["prepare", str(verdict), "--out-dir", str(out)], capsys)
+    assert code == 0 and sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]
 

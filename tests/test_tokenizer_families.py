@@ -111,7 +111,8 @@ def test_decode_matches_the_reference(loaded, name):
 @pytest.mark.parametrize("name", with_mistral(ALL))
 def test_pieces_and_special_ids_match_the_reference(loaded, name):
     tok, expected = loaded(name), EXPECTED["tokenizers"][name]
-    spelled = tok.pieces if isinstance(tok, SentencePieceTokenizer) else [tok.id_to_piece(i) for i in range(tok.n_vocab)]
+    # the vocabulary's own spelling of each token ('▁Hello', 'Ġworld')
+    spelled = tok.pieces if isinstance(tok, SentencePieceTokenizer) else list(map(tok.id_to_piece, range(tok.n_vocab)))
     assert [[spelled[i] for i in ids] for ids in expected["encode"]] == expected["pieces"]
     assert tok.n_vocab == expected["n_vocab"]
     assert tok.bos_id == (None if expected["bos_id"] in (None, -1) else expected["bos_id"])
