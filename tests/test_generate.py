@@ -12,7 +12,7 @@ import generate as G
 import model as M
 
 from common import run_stage
-from tokenizer import bos
+from tokenizer_base import bos
 
 
 REPO = Path(__file__).resolve().parent.parent
