@@ -368,3 +368,28 @@ def test_signal_finishes_in_flight_and_exits_cleanly(signum, tmp_path):
     finally:
         proc.kill()
     assert proc.returncode == 0 and "Traceback" not in err and "stopped" in err, err
+
+
+# ---------------------------------------------------------------------------------------------------
+# The chat page in a real browser
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def test_page_is_one_offline_file(client):
+    status, headers, body = client.request("GET", "/")
+    assert status == 200 and headers["Content-Type"].startswith("text/html")
+    assert not re.search(rb"(src|href)=\"(https?:)?//", body)  # nothing fetched from the web
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (Debian: apt-get install chromium)")
+def test_chat_page_streams_an_answer_in_chromium(server, log, tmp_path):
+    """Headless Chromium opens /?ask=..., which sends the message as typed; the answer streams into the page."""
+    before = log.stream.getvalue().count("chatcmpl-")
+    command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'profile'}",
+               "--virtual-time-budget=30000", "--dump-dom", f"{server.url}/?ask=Hello%20there"]
+    dom = subprocess.run(command, capture_output=True, text=True, timeout=180).stdout
+    turns = re.findall(r'<div class="turn (\w+)">(.*?)</div>', dom, re.S)
+    assert [role for role, _ in turns] == ["user", "assistant"], dom
+    assert turns[0][1] == "Hello there" and turns[1][1].strip()
+    assert log.stream.getvalue().count("chatcmpl-") == before + 1  # one chat request, answered
