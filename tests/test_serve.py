@@ -367,7 +367,7 @@ def test_signal_finishes_in_flight_and_exits_cleanly(signum, tmp_path):
         _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    assert proc.returncode == 0 and "Traceback" not in err and "stopped" in err, err
+    assert proc.returncode == 0 and "Traceback" not in err and "stopped" in err, (proc.returncode, err)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -393,3 +393,10 @@ def test_chat_page_streams_an_answer_in_chromium(server, log, tmp_path):
     assert [role for role, _ in turns] == ["user", "assistant"], dom
     assert turns[0][1] == "Hello there" and turns[1][1].strip()
     assert log.stream.getvalue().count("chatcmpl-") == before + 1  # one chat request, answered
+
+
+def test_template_comes_from_the_flag_the_checkpoint_or_the_family():
+    assert serve.template_for({"model_type": "gpt2", "tokenizer": "gpt2"}, None) is None  # a base model: none
+    assert serve.template_for({"model_type": "gpt2", "template": "alpaca"}, None).name == "alpaca"  # finetuned
+    assert serve.template_for({"model_type": "mistral"}, None).name == "mistral"
+    assert serve.template_for({"model_type": "gpt2"}, "phi3").name == "phi3"
