@@ -15,9 +15,10 @@ and read its text back from a queue of its own.
 
 Continuous batching. The scheduler keeps --max-batch slots and one KV cache with a row per slot.
 Between decoding steps, waiting requests take free slots and their prompts are read into their rows
-(a long prompt a chunk per step, so the others wait for one chunk, not for the whole prompt); then
-one decoding step runs every row that is generating, each at its own cache position; a request
-leaves its slot when it finishes, stops, or its client goes away. Each row attends to its own
+(those joining together in one forward pass, and a long prompt a chunk per step, so the others wait
+for one chunk, not for the whole prompt); then one decoding step runs every row that is generating,
+each at its own cache position; a request leaves its slot when it finishes, stops, or its client
+goes away. Each row attends to its own
 cache row only, at its own positions, so a request gets exactly the tokens generate.py gives it
 alone, whatever shares the batch.
 """
@@ -187,17 +188,37 @@ class Scheduler:
                                               type="server_error")))
 
     def prefill(self) -> None:
-        """Read the next chunk (up to prefill_chunk tokens) of every prompt still being read, one row
-        at a time; the last chunk's logits give the request's first token."""
-        for job in [job for job in self.slots if job is not None and not job.generating]:
-            end = min(job.fed + self.prefill_chunk, len(job.ids))
-            ids = torch.tensor([job.ids[job.fed:end]], device=self.device)  # (1, T)
-            row = self.cache.part(slice(job.slot, job.slot + 1), end)
-            logits, _ = self.model(ids, kv_cache=row, cache_positions=torch.arange(job.fed, end, device=self.device),
-                                   last_only=True, head_t=self.head_t)  # (1, 1, V)
-            job.fed = end
+        """Read the next chunk (up to prefill_chunk tokens) of every prompt still being read, all in one
+        forward pass; a prompt's last chunk gives its request's first token.
+
+        The chunks are left-padded to one length T, so each row's last token is in the last column,
+        where last_only reads the logits. Padding goes to the slot just after its row's chunk, masked
+        out (attention_mask) and written again before anything reads it; rows in the span that are not
+        reading a prompt get padding only, at their next slot."""
+        jobs = [job for job in self.slots if job is not None and not job.generating]
+        if not jobs:
+            return
+        first, span = min(job.slot for job in jobs), max(job.slot for job in jobs) + 1
+        chunks = {job.slot: job.ids[job.fed:job.fed + self.prefill_chunk] for job in jobs}
+        T = max(len(chunk) for chunk in chunks.values())
+        ids = torch.zeros(span - first, T, dtype=torch.long)
+        real = torch.zeros(span - first, T, dtype=torch.long)
+        slots = torch.zeros(span - first, T, dtype=torch.long)  # (rows, T): where each token goes in its cache row
+        for row, job in enumerate(self.slots[first:span]):
+            chunk = chunks.get(first + row, [])
+            start = job.fed if job is not None else 0
+            slots[row] = start + len(chunk)  # padding
+            if chunk:
+                ids[row, T - len(chunk):] = torch.tensor(chunk)
+                real[row, T - len(chunk):] = 1
+                slots[row, T - len(chunk):] = torch.arange(start, start + len(chunk))
+        part = self.cache.part(slice(first, span), int(slots.max()) + 1)
+        logits, _ = self.model(ids.to(self.device), attention_mask=real.to(self.device), kv_cache=part,
+                               cache_positions=slots.to(self.device), last_only=True, head_t=self.head_t)  # (rows, 1, V)
+        for job in jobs:
+            job.fed += len(chunks[job.slot])
             if job.generating:
-                self.accept(job, logits[0, -1])
+                self.accept(job, logits[job.slot - first, -1])
 
     def decode(self) -> None:
         """One step for every generating row: feed each its last token at its own next cache slot.
@@ -293,9 +314,8 @@ def check_fields(body, kind: str, model_name: str) -> None:
     if body["model"] != model_name:
         raise APIError(404, f"the model {body['model']!r} does not exist; this server serves {model_name!r}",
                        "model", "model_not_found")
-    for name in ("stream", ):
-        if name in body and not isinstance(body[name], bool):
-            raise APIError(400, f"{name} must be true or false", name)
+    if "stream" in body and not isinstance(body["stream"], bool):
+        raise APIError(400, "stream must be true or false", "stream")
     options = body.get("stream_options")
     if options is not None and (not isinstance(options, dict) or set(options) - {"include_usage"}
                                 or not isinstance(options.get("include_usage", False), bool)):

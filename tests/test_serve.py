@@ -311,6 +311,19 @@ def test_tokens_equal_generate_alone_with_and_without_7_others(client):
         assert all(b"[DONE]" in f.result(timeout=120) for f in futures)
 
 
+def test_long_prompt_read_in_chunks_gives_the_same_tokens(client, server):
+    prompt = "one two three four five six seven eight nine ten eleven twelve thirteen"
+    request = {"model": MODEL, "prompt": prompt, "max_tokens": 12, "temperature": 0}
+    chunk, server.app.scheduler.prefill_chunk = server.app.scheduler.prefill_chunk, 4
+    try:
+        with ThreadPoolExecutor(2) as pool:  # a short prompt beside it keeps decoding while the long one is read
+            futures = [pool.submit(stream_text, client, {**request, "prompt": p}) for p in (prompt, "Hi")]
+            texts = [f.result(timeout=120) for f in futures]
+    finally:
+        server.app.scheduler.prefill_chunk = chunk
+    assert texts == [alone(prompt, 12, ["--temperature", "0"]), alone("Hi", 12, ["--temperature", "0"])]
+
+
 def test_disconnect_cancels_and_frees_the_slot(client, server, log):
     sock, seen = start_stream(client, {"model": MODEL, "prompt": "cancel me", "max_tokens": 60})
     assert seen.startswith(b"HTTP/1.1 200")
