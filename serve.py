@@ -23,6 +23,7 @@ cache row only, at its own positions, so a request gets exactly the tokens gener
 alone, whatever shares the batch.
 """
 import argparse
+import hmac
 import json
 import os
 import queue
@@ -573,7 +574,8 @@ class Handler(BaseHTTPRequestHandler):
                 pass
 
     def authorize(self) -> None:
-        if self.app.api_key and self.headers.get("Authorization") != f"Bearer {self.app.api_key}":
+        sent = self.headers.get("Authorization", "").encode()
+        if self.app.api_key and not hmac.compare_digest(sent, f"Bearer {self.app.api_key}".encode()):  # constant time
             raise APIError(401, "a valid API key is needed: send the header 'Authorization: Bearer KEY'",
                            code="invalid_api_key")
 

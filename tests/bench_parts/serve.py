@@ -15,7 +15,6 @@ to no tokens under transformers 5).
 import argparse
 import http.client
 import json
-import os
 import signal
 import socket
 import statistics
