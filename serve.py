@@ -111,12 +111,11 @@ class Scheduler:
     new prompt, then one decoding step for every slot that is generating."""
 
     def __init__(self, model: nn.Module, device: torch.device, max_batch: int, queue_size: int,
-                 prefill_chunk: int, n_vocab: int):
+                 prefill_chunk: int, n_vocab: int, context: int):
         self.model, self.device, self.prefill_chunk, self.n_vocab = model, device, prefill_chunk, n_vocab
-        config = model.config
         dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-        # One row per slot, each as long as the context; a step reads only the part in use (KVCache.part).
-        self.cache = KVCache(config, max_batch, config.block_size, device, dtype)
+        # One row per slot, `context` tokens long; a step reads only the part in use (KVCache.part).
+        self.cache = KVCache(model.config, max_batch, context, device, dtype)
         self.slots: list[Job | None] = [None] * max_batch
         self.waiting: queue.Queue[Job] = queue.Queue(maxsize=queue_size)
         self.closing = threading.Event()
@@ -381,9 +380,9 @@ class App:
     """The model's name, tokenizer, template, scheduler and log, and the checks that make a Job."""
 
     def __init__(self, name: str, tokenizer, template: Template | None, scheduler: Scheduler, api_key: str | None,
-                 block_size: int, vocab_size: int, log: "Log"):
+                 context: int, vocab_size: int, log: "Log"):
         self.name, self.tokenizer, self.template, self.scheduler = name, tokenizer, template, scheduler
-        self.api_key, self.block_size, self.vocab_size, self.log = api_key, block_size, vocab_size, log
+        self.api_key, self.context, self.vocab_size, self.log = api_key, context, vocab_size, log
         self.created = int(time.time())
         self.in_flight = 0  # requests between arrival and their last byte, for a clean shutdown
         self.lock = threading.Condition()
@@ -402,17 +401,17 @@ class App:
             ids, ends, stops = completion_prompt(self.tokenizer, body["prompt"]), (), {self.tokenizer.eos_id}
         if max(ids) >= min(self.vocab_size, self.tokenizer.n_vocab):
             raise APIError(400, f"the prompt has a token id of {max(ids)}, beyond this model's vocabulary", "prompt")
-        room = self.block_size - len(ids)
+        room = self.context - len(ids)
         if room < 1:
-            raise APIError(400, f"the prompt has {len(ids)} tokens, which fills the model's context of "
-                                f"{self.block_size} tokens; shorten it", "messages" if kind == "chat" else "prompt",
+            raise APIError(400, f"the prompt has {len(ids)} tokens, which fills the context of "
+                                f"{self.context} tokens; shorten it", "messages" if kind == "chat" else "prompt",
                            "context_length_exceeded")
         name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
         default = room if kind == "chat" else min(COMPLETION_DEFAULT_TOKENS, room)
         max_new = number(body, name, int, 1, 2**31, default)
         if max_new > room:
-            raise APIError(400, f"the prompt has {len(ids)} tokens and {name} is {max_new}, more than the model's "
-                                f"context of {self.block_size} tokens", name, "context_length_exceeded")
+            raise APIError(400, f"the prompt has {len(ids)} tokens and {name} is {max_new}, more than the "
+                                f"context of {self.context} tokens", name, "context_length_exceeded")
         return self.sampled_job(body, ids, max_new, stops, [*ends, *stop_strings(body)])
 
     def sampled_job(self, body: dict, ids: list[int], max_new: int, stops: set[int], strings: list[str]) -> Job:
@@ -782,10 +781,12 @@ def start(args: argparse.Namespace, log: Log | None = None) -> Running:
     model.eval()
     tokenizer = tokenizer_for(extra)
     log = log or Log()
-    scheduler = Scheduler(model, device, args.max_batch, args.queue_size, args.prefill_chunk, tokenizer.n_vocab)
+    context = min(model.config.block_size, args.context)
+    scheduler = Scheduler(model, device, args.max_batch, args.queue_size, args.prefill_chunk, tokenizer.n_vocab,
+                          context)
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
     app = App(args.model_name or args.init, tokenizer, template_for(extra, args.template), scheduler, api_key,
-              model.config.block_size, model.config.vocab_size, log)
+              context, model.config.vocab_size, log)
     try:
         server = Server((args.host, args.port), app)
     except OSError as e:
@@ -811,6 +812,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-batch", type=positive_int, default=8, help="requests decoded together (slots)")
     p.add_argument("--queue-size", type=positive_int, default=32,
                    help="requests that may wait for a slot; more are refused with 429")
+    p.add_argument("--context", type=positive_int, default=4096,
+                   help="the most tokens a request may have, prompt and answer (at most the model's context); "
+                        "each slot's KV cache is this long")
     p.add_argument("--prefill-chunk", type=positive_int, default=256,
                    help="prompt tokens read per step for a new request, so a long prompt stalls the others little")
     return p.parse_args(argv)

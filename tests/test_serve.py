@@ -408,6 +408,17 @@ def test_chat_page_streams_an_answer_in_chromium(server, log, tmp_path):
     assert log.stream.getvalue().count("chatcmpl-") == before + 1  # one chat request, answered
 
 
+def test_context_flag_sizes_the_cache_and_the_longest_request():
+    running = serve.start(serve.parse_args(ARGS + ["--context", "16"]), log=serve.Log(stream=io.StringIO()))
+    try:
+        assert running.app.scheduler.cache.max_length == 16
+        status, body = Client(running.url).post("/v1/completions", {"model": MODEL, "prompt": "a b c d e",
+                                                                     "max_tokens": 12})
+        assert status == 400 and body["error"]["code"] == "context_length_exceeded" and "16" in body["error"]["message"]
+    finally:
+        running.close(timeout=30)
+
+
 def test_template_comes_from_the_flag_the_checkpoint_or_the_family():
     assert serve.template_for({"model_type": "gpt2", "tokenizer": "gpt2"}, None) is None  # a base model: none
     assert serve.template_for({"model_type": "gpt2", "template": "alpaca"}, None).name == "alpaca"  # finetuned
