@@ -263,18 +263,19 @@ def test_chat_ids_render_turns_as_finetuning_does():
 # ---------------------------------------------------------------------------------------------------
 # Continuous batching: exact tokens whatever shares the batch
 
-def test_model_decodes_rows_at_their_own_cache_positions():
+@pytest.mark.parametrize("preset, long, short", [("tiny", 9, 4), ("mistral-tiny", 90, 30)])  # 90: past the window
+def test_model_decodes_rows_at_their_own_cache_positions(preset, long, short):
     """model.py's per-row cache slots (B, T) and KVCache.part: two rows at different lengths, one step
-    together, each equal to its own no-cache forward."""
+    together, each equal to its own no-cache forward (learned positions; rotary, GQA and a window)."""
     torch.manual_seed(0)
-    model = GPT(get_config("tiny")).eval()
-    cache = KVCache(model.config, 3, 64)
-    a, b = torch.randint(0, 1000, (1, 9)), torch.randint(0, 1000, (1, 4))
+    model = GPT(get_config(preset)).eval()
+    cache = KVCache(model.config, 3, model.config.block_size)
+    a, b = torch.randint(0, 1000, (1, long)), torch.randint(0, 1000, (1, short))
     with torch.no_grad():
-        model(a[:, :8], kv_cache=cache.part(slice(0, 1), 8), cache_positions=torch.arange(8))
-        model(b[:, :3], kv_cache=cache.part(slice(1, 2), 3), cache_positions=torch.arange(3))
-        step, _ = model(torch.cat([a[:, 8:], b[:, 3:]]), kv_cache=cache.part(slice(0, 2), 9),
-                        cache_positions=torch.tensor([[8], [3]]))
+        model(a[:, :-1], kv_cache=cache.part(slice(0, 1), long - 1), cache_positions=torch.arange(long - 1))
+        model(b[:, :-1], kv_cache=cache.part(slice(1, 2), short - 1), cache_positions=torch.arange(short - 1))
+        step, _ = model(torch.cat([a[:, -1:], b[:, -1:]]), kv_cache=cache.part(slice(0, 2), long),
+                        cache_positions=torch.tensor([[long - 1], [short - 1]]))
         torch.testing.assert_close(step[0, -1], model(a)[0][0, -1])
         torch.testing.assert_close(step[1, -1], model(b)[0][0, -1])
 
@@ -322,6 +323,35 @@ def test_long_prompt_read_in_chunks_gives_the_same_tokens(client, server):
     finally:
         server.app.scheduler.prefill_chunk = chunk
     assert texts == [alone(prompt, 12, ["--temperature", "0"]), alone("Hi", 12, ["--temperature", "0"])]
+
+
+def test_int8_server_gives_generate_int8_tokens():
+    running = serve.start(serve.parse_args(ARGS + ["--quantize", "int8"]), log=serve.Log(stream=io.StringIO()))
+    try:
+        request = {"model": MODEL, "prompt": "Every effort moves you", "max_tokens": 10, "temperature": 0}
+        text = Client(running.url).post("/v1/completions", request)[1]["choices"][0]["text"]
+    finally:
+        running.close(timeout=30)
+    assert text == alone("Every effort moves you", 10, ["--temperature", "0", "--quantize", "int8"])
+
+
+@pytest.mark.needs_files("hf/mistralai/Mistral-7B-v0.1/tokenizer.model")
+def test_mistral_family_serves_its_own_chat_template_and_exact_tokens():
+    argv = ["--init", "random", "--preset", "mistral-tiny", "--seed", "1337", "--port", "0"]
+    running = serve.start(serve.parse_args(argv), log=serve.Log(stream=io.StringIO()))
+    try:
+        assert running.app.template.name == "mistral"  # the family's own, with no --template
+        client = Client(running.url)
+        request = {"model": MODEL, "prompt": "The capital of France", "max_tokens": 10, "temperature": 0}
+        text = stream_text(client, request)
+        status, chat = client.post("/v1/chat/completions", {"model": MODEL, "max_tokens": 4,
+                                                            "messages": [{"role": "user", "content": "Hi"}]})
+    finally:
+        running.close(timeout=30)
+    argv = ["--init", "random", "--preset", "mistral-tiny", "--seed", "1337", "--prompt", "The capital of France",
+            "--max-new-tokens", "10", "--temperature", "0"]
+    assert text == generate.main(generate.parse_args(argv))["samples"][0][len("The capital of France"):]
+    assert status == 200 and chat["usage"]["completion_tokens"] >= 1
 
 
 def test_disconnect_cancels_and_frees_the_slot(client, server, log):
