@@ -205,6 +205,16 @@ class KVCache:
         # Stale keys and values are harmless: slots that are not valid are masked out.
         self.valid.zero_()
 
+    def part(self, rows: slice, length: int) -> "KVCache":
+        """A view of rows `rows` and slots 0..length-1 that shares this cache's memory: the model writes
+        through it. A server keeps one cache for all its slots and runs each step on the part in use,
+        so attention reads the slots filled so far, not the whole context."""
+        view = object.__new__(KVCache)
+        view.keys = [k[rows, :, :length] for k in self.keys]
+        view.values = [v[rows, :, :length] for v in self.values]
+        view.valid, view.max_length = self.valid[rows, :length], length
+        return view
+
 
 # ---------------------------------------------------------------------------------------------------
 # The pieces, in the order a token meets them
@@ -345,8 +355,13 @@ class CausalSelfAttention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hs)
         if cache is not None:
             cached_keys, cached_values = cache  # (B, nkv, S, hs) each, S = cache length
-            cached_keys.index_copy_(2, cache_positions, k.to(cached_keys.dtype))
-            cached_values.index_copy_(2, cache_positions, v.to(cached_values.dtype))
+            if cache_positions.dim() == 1:  # the same slots in every row
+                cached_keys.index_copy_(2, cache_positions, k.to(cached_keys.dtype))
+                cached_values.index_copy_(2, cache_positions, v.to(cached_values.dtype))
+            else:  # (B, T): each row's own slots; the indexed view is (B, T, nkv, hs), k's layout before transpose
+                rows = torch.arange(B, device=x.device)[:, None]
+                cached_keys[rows, :, cache_positions] = k.transpose(1, 2).to(cached_keys.dtype)
+                cached_values[rows, :, cache_positions] = v.transpose(1, 2).to(cached_values.dtype)
             k, v = cached_keys.to(q.dtype), cached_values.to(q.dtype)  # (B, nkv, S, hs)
         # With no mask and no cache this is plain causal attention, which lets PyTorch pick its
         # flash kernel; otherwise attn_mask (True = may attend) carries causality, padding and the
@@ -518,9 +533,10 @@ class GPT(nn.Module):
                 raise ValueError("a KV cache needs cache_positions: the cache slots the new tokens go to")
             real = torch.ones(B, T, dtype=torch.bool, device=idx.device) if attention_mask is None \
                 else attention_mask.bool()
-            kv_cache.valid[:, cache_positions] = real
+            rows = torch.arange(B, device=idx.device)[:, None] if cache_positions.dim() == 2 else slice(None)
+            kv_cache.valid[rows, cache_positions] = real
             if positions is None:  # the number of real tokens before each new one in its row
-                positions = (kv_cache.valid.cumsum(1) - 1).clamp(min=0)[:, cache_positions]  # (B, T)
+                positions = (kv_cache.valid.cumsum(1) - 1).clamp(min=0)[rows, cache_positions]  # (B, T)
         if positions is None:
             positions = token_positions(T, idx.device, attention_mask)
         x = self.embed(idx, positions)  # (B, T, C)
@@ -540,8 +556,8 @@ class GPT(nn.Module):
         attention_mask (B, T): 1 for real tokens, 0 for padding; positions then count real tokens only,
         so a left-padded row gets the positions (learned or rotary) it would have alone.
         positions (B, T) or (T,): each token's position, when the caller knows better.
-        kv_cache + cache_positions (T,): incremental decoding; the new tokens' keys and values go to
-        those cache slots and attention covers every valid slot up to each query's own (and within
+        kv_cache + cache_positions (T,), or (B, T) for slots of each row's own: incremental decoding;
+        the new tokens' keys and values go to those cache slots and attention covers every valid slot up to each query's own (and within
         the sliding window, if the model has one).
         last_only: compute the head for the last position only, (B, 1, V): generation needs no more,
         and the (B, T, V) head is the most expensive matmul of a small model.
