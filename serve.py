@@ -41,13 +41,13 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from tokenizer_base import bos
+
 from common import ArgumentParser, UserError, positive_int, run_stage
-from generate import TextStream, check_sampling, load_for_generation, sample_next
-from generate import prompt_ids as text_ids
+from generate import TextStream, check_sampling, load_for_generation, prompt_ids as text_ids, sample_next
 from load_gpt2 import add_init_args, tokenizer_for
 from model import KVCache, add_device_args, device_and_dtype
 from templates import FAMILY_TEMPLATES, TEMPLATES, Template, encode_template_text, stop_ids
-from tokenizer import bos
 
 API_KEY_ENV = "SERVE_API_KEY"  # the environment variable --api-key defaults to
 MAX_BODY_BYTES = 1 << 20  # a request body above this is refused (413) before it is read

@@ -27,9 +27,10 @@ from pathlib import Path
 
 import torch
 
+from common import UserError
 from load_gpt2 import export_hf
 from model import GPT, get_config
-from tokenizer import UserError
+
 
 REPO = Path(__file__).resolve().parent.parent.parent
 HF_CB_FLAGS = ["--cb-block-size", "32", "--cb-num-blocks", "1024", "--cb-max-batch-tokens", "2048"]
