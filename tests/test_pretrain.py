@@ -17,6 +17,7 @@ import torch
 import torch.multiprocessing as mp
 
 import common
+import distributed
 import pretrain
 import tokenizer
 from load_gpt2 import export_hf, load_model
@@ -216,12 +217,12 @@ def test_two_gloo_processes_ddp_and_fsdp_agree_with_one_process(verdict_tokens, 
     assert resumed["val_loss"] == pytest.approx(fsdp_run["val_loss"], rel=1e-5)
 
     # The sharded best weights as one file: the model FSDP evaluated, readable by every stage.
-    pretrain.consolidate(tmp_path / "fsdp" / "best.dcp")
+    distributed.consolidate(tmp_path / "fsdp" / "best.dcp")
     best, extra = load_model(str(tmp_path / "fsdp" / "best.pt"))
     assert extra["model_type"] == "gpt2" and extra["step"] == 4
     val_tokens = pretrain.load_splits(verdict_tokens, 32, 50257, tokenizer.get_tokenizer(), "gpt2")[1]
-    val = pretrain.evaluate(best, val_tokens, batches=3, batch_size=4, block_size=32, seed=1337, ctx=nullcontext(),
-                            procs=pretrain.Processes(), device=torch.device("cpu"))
+    val = pretrain.validation_loss(best, val_tokens, batches=3, batch_size=4, block_size=32, seed=1337, ctx=nullcontext(),
+                            procs=distributed.Processes(), device=torch.device("cpu"))
     assert val == pytest.approx(fsdp_run["best_val_loss"], rel=1e-6) == extra["val_loss"]
     exported, _ = load_model(str(export_hf(best, tmp_path / "hf", extra)))
     x = torch.randint(0, 50257, (1, 8))
@@ -370,13 +371,13 @@ def test_a_sharded_checkpoint_is_read_without_unpickling_anything_but_its_metada
     (folder / ".metadata").write_bytes(pickle.dumps(RunsCode(marker)))
     torch.save({"config": {}, "card": {}}, folder / "train_state.pt")
     with pytest.raises(common.UserError, match="not a readable checkpoint's metadata"):
-        pretrain.load_sharded(folder, GPT(get_config("tiny")), None)
+        distributed.load_sharded(folder, GPT(get_config("tiny")), None)
     assert not marker.exists()
     (folder / "train_state.pt").write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(common.UserError, match="damaged"):
-        pretrain.read_train_state(folder)
+        distributed.read_train_state(folder)
     with pytest.raises(common.UserError, match="not a folder"):
-        pretrain.consolidate(tmp_path / "nothing.dcp")
+        distributed.consolidate(tmp_path / "nothing.dcp")
 
 
 class OtherTokenizer:

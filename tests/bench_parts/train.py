@@ -39,6 +39,7 @@ sys.path.insert(0, str(REPO))
 import planner
 from model import GPT, autocast, get_config
 from tokenizer import UserError
+import distributed  # noqa: E402
 import pretrain  # noqa: E402
 
 CASES = ("small", "gpt2", "ddp", "plan", "gpu")
@@ -211,7 +212,7 @@ def fsdp_gpu_rows(args: argparse.Namespace) -> list[dict]:
     sequence of --train-fsdp-context tokens per step. FSDP's bf16 copies exist for about two blocks at a
     time. Reports tokens/s, MFU of the data-sheet peak, and the plan against the allocator's peak."""
     torch.cuda.empty_cache()  # the compiled GPT-2 case's cached blocks
-    procs, device = pretrain.init_processes("cuda", "fsdp")  # a process group of one
+    procs, device = distributed.init_processes("cuda", "fsdp")  # a process group of one
     try:
         capacity = torch.cuda.get_device_properties(device).total_memory
         T = args.train_fsdp_context
@@ -231,8 +232,8 @@ def fsdp_gpu_rows(args: argparse.Namespace) -> list[dict]:
                "planned GB": round(plan["total"] / 1e9, 2), "plain training planned GB": round(plain["total"] / 1e9, 2)}
         with torch.device("meta"):
             gpt = GPT(get_config("mistral-7b", n_layer=n_layer, block_size=T))
-        pretrain.checkpoint_activations(gpt)
-        pretrain.shard(gpt, device, torch.bfloat16)
+        distributed.checkpoint_activations(gpt)
+        distributed.shard(gpt, device, torch.bfloat16)
         gpt.to_empty(device=device)
         torch.manual_seed(0)
         with torch.no_grad():
