@@ -48,6 +48,7 @@ from distributed import (Processes, StopOnCtrlC, checkpoint_activations, consoli
                          load_sharded, local_bytes, local_leader_first, processes, read_train_state, restore_rng,
                          run_folder_lock, save_sharded, shard)
 from generate import sample_next
+from loss_curve import write_loss_svg
 from load_gpt2 import add_init_args, load_model, model_card, tokenizer_for
 from model import (DTYPES, GPT, GPTConfig, add_device_args, autocast, get_config, load_checkpoint, missing_compiler,
                    resolve_device, resolve_dtype, save_checkpoint)
@@ -69,14 +70,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="text that is not UTF-8: stop with an error, or decode bad bytes as U+FFFD")
     add_init_args(p, "random", "starting weights (to continue pretraining them; 'random' uses --preset mini unless "
                                "told otherwise)")
+    p.add_argument("--tokenizer", metavar="FILE", default=None,
+                   help="a new model's tokenizer (--init random): a file from `tokenizer.py train`, a tokenizer.json "
+                        "or tokenizer.model, or 'mistral'; its vocabulary sets the model's, and the checkpoint's card "
+                        "records it for every later stage. None: the preset's own tokenizer")
     p.add_argument("--block-size", type=positive_int, default=None,
                    help="training context in tokens; None: the model's block_size. A random model gets "
                         "exactly this context; a loaded one must have at least this much")
     p.add_argument("--dropout", type=unit_interval, default=0.0, help="dropout probability in the model while training")
     p.add_argument("--out-dir", default="out/pretrain",
-                   help="run folder: ckpt.pt (latest, to resume), best.pt (best validation loss), metrics.jsonl; "
-                        "under --strategy fsdp the folders ckpt.dcp and best.dcp instead (see --consolidate); "
-                        "plan.json with --plan")
+                   help="run folder: ckpt.pt (latest, to resume), best.pt (best validation loss), metrics.jsonl "
+                        "(one record per evaluation), loss.svg (its curves, for a browser); under --strategy fsdp "
+                        "the folders ckpt.dcp and best.dcp instead (see --consolidate); plan.json with --plan")
+    p.add_argument("--force", action=argparse.BooleanOptionalAction, default=False,
+                   help="start a new run even if OUT_DIR already holds one, replacing its checkpoints and metrics")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
                    help="continue the run saved in OUT_DIR: repeat the run's command and add --resume (--max-steps, "
                         "--device, the evaluation and saving intervals and the process count may change)")
@@ -95,6 +102,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="clip the gradient norm to this; 0 turns clipping off")
     p.add_argument("--eval-every", type=positive_int, default=25,
                    help="steps between evaluations: validation loss, a sample, a progress line, a metrics record")
+    p.add_argument("--log-every", type=non_negative_int, default=5,
+                   help="steps between progress lines without an evaluation (their loss is the mean since the last "
+                        "evaluation); 0: lines at evaluations only")
     p.add_argument("--eval-batches", type=positive_int, default=8,
                    help="validation batches of --batch-size sequences; the same windows at every evaluation")
     p.add_argument("--save-every", type=non_negative_int, default=100,
@@ -127,6 +137,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.preset = args.preset or "mini"
     elif args.preset is not None:
         p.error(f"--preset only applies to --init random; {args.init} brings its own size")
+    elif args.tokenizer is not None:
+        p.error(f"--tokenizer only applies to --init random; {args.init} brings its own tokenizer")
+    if args.resume and args.force:
+        p.error("--resume continues a run and --force replaces it; choose one")
     if args.min_lr > args.lr:
         p.error(f"--min-lr {args.min_lr} is above --lr {args.lr}; the schedule decays from --lr down to --min-lr")
     if args.strategy == "fsdp" and args.dtype == "float16":
@@ -153,6 +167,11 @@ def get_lr(step: int, *, lr: float, min_lr: float, warmup_steps: int, max_steps:
     return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (lr - min_lr)
 
 
+def warmup_steps(args: argparse.Namespace) -> int:
+    """--warmup-steps, or a tenth of a run that would end inside its warm-up and so never decay."""
+    return args.warmup_steps if args.warmup_steps < args.max_steps else args.max_steps // 10
+
+
 # ---------------------------------------------------------------------------------------------------
 # Planning: what a run needs, before it starts (planner.py)
 
@@ -162,6 +181,9 @@ def plan_main(args: argparse.Namespace) -> dict:
     if args.init == "random" and args.block_size:  # a random model gets exactly the training context
         config = dataclasses.replace(config, block_size=args.block_size)
     config = dataclasses.replace(config, dropout=args.dropout)
+    if args.tokenizer:
+        config = dataclasses.replace(config, vocab_size=tokenizer_for(
+            {"tokenizer": tokenizer_card_name(args.tokenizer)}).n_vocab)
     block_size = args.block_size or config.block_size
     if block_size > config.block_size:
         raise UserError(f"--block-size {block_size} is longer than {what}'s context of {config.block_size} tokens")
@@ -260,15 +282,30 @@ def draw_batch(tokens: np.ndarray, batch_size: int, block_size: int, *, grad_acc
 
 
 # ---------------------------------------------------------------------------------------------------
-# The model: where it starts, and how several processes share it
+# The model a run starts from
+
+def tokenizer_card_name(value: str) -> str:
+    """--tokenizer as a model card names it (and `tokenizer.py prepare` in meta.json): a name's place in
+    the download cache, or the file's absolute path, so the card finds it from any folder."""
+    if value in tokenizer.NAMED_TOKENIZERS:
+        return tokenizer.NAMED_TOKENIZERS[value]
+    if not Path(value).is_file():
+        raise UserError(f"--tokenizer {value} is not a file; train one with: python tokenizer.py train INPUT "
+                        f"--out {value}")
+    return str(Path(value).resolve())
+
 
 def initial_model(args: argparse.Namespace) -> tuple[GPT, dict]:
     """A new run's model (on the CPU) and its card: a random one of --preset, or --init's weights."""
     overrides = {"dropout": args.dropout} | ({"block_size": args.block_size} if args.block_size else {})
     if args.init == "random":
         _, card = load_model("random", preset=args.preset, device="meta")  # the preset's card; no weights
+        card = model_card(card)
+        if args.tokenizer:
+            card["tokenizer"] = tokenizer_card_name(args.tokenizer)
+            overrides["vocab_size"] = tokenizer_for(card).n_vocab
         torch.manual_seed(args.seed)
-        return GPT(get_config(args.preset, **overrides)), model_card(card)
+        return GPT(get_config(args.preset, **overrides)), card
     loaded, extra = load_model(args.init)
     if loaded.config.num_classes is not None:
         raise UserError(f"{args.init} is a classifier; pretraining needs a language model")
@@ -376,7 +413,8 @@ def sample_text(model: torch.nn.Module, tok, max_new_tokens: int, *, block_size:
 
 
 def progress_line(step: int, max_steps: int, record: dict) -> str:
-    """One fixed-width line: step, losses, lr, grad norm, ms/step, tokens/s, MFU (when known), memory, ETA."""
+    """One fixed-width line: step, losses, lr, grad norm, ms/step, tokens/s, MFU (when known), memory, ETA;
+    the validation loss at an evaluation."""
     line = f"step {step:>6}/{max_steps}"
     if record.get("train_loss") is not None:
         line += (f" | loss {record['train_loss']:7.4f} | lr {record['lr']:.2e} | norm {record['grad_norm']:7.3f}"
@@ -386,7 +424,9 @@ def progress_line(step: int, max_steps: int, record: dict) -> str:
         if record.get("peak_memory") is not None:
             line += f" | mem {record['peak_memory'] / 1e9:6.2f} GB"
         line += f" | eta {clock((max_steps - step) * record['ms_per_step'] / 1000)}"
-    return line + f" | val {record['val_loss']:7.4f} ppl {record['val_ppl']:9.2f}"
+    if "val_loss" in record:
+        line += f" | val {record['val_loss']:7.4f} ppl {record['val_ppl']:9.2f}"
+    return line
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -398,14 +438,14 @@ def progress_line(step: int, max_steps: int, record: dict) -> str:
 # shards (distributed.save_sharded). Such a folder loads into any number of processes (the shards are
 # re-cut on load), and --consolidate turns it into one save_checkpoint file.
 
-CKPT, BEST, METRICS = "ckpt.pt", "best.pt", "metrics.jsonl"
+CKPT, BEST, METRICS, LOSS_SVG = "ckpt.pt", "best.pt", "metrics.jsonl", "loss.svg"
 SHARDED_CKPT, SHARDED_BEST = "ckpt.dcp", "best.dcp"
 # Flags that would silently change a resumed run (its model, data, schedule or numerics). The rest may
 # change: --max-steps (a longer or shorter run; the schedule follows, with a note), --device, --compile,
 # --activation-checkpointing, the evaluation and saving intervals, and the process count when
 # --grad-accum x processes stays the same (draw_batch then draws the same windows).
-RESUME_MUST_MATCH = ("data", "errors", "init", "preset", "block_size", "dropout", "batch_size", "lr", "min_lr",
-                     "warmup_steps", "weight_decay", "grad_clip", "eval_batches", "seed", "dtype", "strategy")
+RESUME_MUST_MATCH = ("data", "errors", "init", "preset", "tokenizer", "block_size", "dropout", "batch_size", "lr",
+                     "min_lr", "warmup_steps", "weight_decay", "grad_clip", "eval_batches", "seed", "dtype", "strategy")
 
 
 def check_resume_flags(saved: dict, args: argparse.Namespace, procs: Processes, state_path: Path) -> None:
@@ -520,15 +560,16 @@ class Run:
     tokens_per_step: int  # the whole batch of one optimizer step, over all processes
     step: int = 0
     best_val_loss: float = math.inf
+    records: list[dict] = dataclasses.field(default_factory=list)  # metrics.jsonl's, for loss.svg (main process)
 
     @property
     def sharded(self) -> bool:
         return self.args.strategy == "fsdp"
 
 
-def check_out_dir(args: argparse.Namespace, out_dir: Path) -> tuple[Path, Path]:
+def check_out_dir(args: argparse.Namespace, out_dir: Path, is_main: bool) -> tuple[Path, Path]:
     """(state_path, best_path) of the run in out_dir, after checking that --resume finds a run there and
-    that a new run does not write over one."""
+    that a new run does not write over one (--force: the main process removes the old run's files)."""
     sharded = args.strategy == "fsdp"
     state_path = out_dir / (SHARDED_CKPT if sharded else CKPT)
     best_path = out_dir / (SHARDED_BEST if sharded else BEST)
@@ -541,15 +582,20 @@ def check_out_dir(args: argparse.Namespace, out_dir: Path) -> tuple[Path, Path]:
         left = f" (it holds {', '.join(existing)} of a run that stopped before its first checkpoint; delete " \
                f"them or pick another --out-dir)" if existing else "; start the run without --resume"
         raise UserError(f"--resume: {state_path} does not exist{left}")
-    if not args.resume and existing:
-        raise UserError(f"{out_dir} already holds a run ({existing[0]}); add --resume to continue it, or pick "
-                        f"another --out-dir")
+    if not args.resume and existing and not args.force:
+        raise UserError(f"{out_dir} already holds a run ({existing[0]}); add --resume to continue it, --force to "
+                        f"replace it, or pick another --out-dir")
+    if args.force and existing and is_main:
+        for name in (CKPT, SHARDED_CKPT, BEST, SHARDED_BEST, METRICS, LOSS_SVG):
+            path = out_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        print(f"note: --force: removed the earlier run's {', '.join(existing)} from {out_dir}", file=sys.stderr)
     return state_path, best_path
 
 
 def start_run(args: argparse.Namespace, procs: Processes, device: torch.device, out_dir: Path) -> Run:
     """The model, optimizer and data of a new run, or of the saved one under --resume."""
-    state_path, best_path = check_out_dir(args, out_dir)
+    state_path, best_path = check_out_dir(args, out_dir, procs.is_main)
     dtype = resolve_dtype(args.dtype, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls (outside autocast) on tensor cores
@@ -579,14 +625,37 @@ def start_run(args: argparse.Namespace, procs: Processes, device: torch.device, 
               tokens_per_step=args.batch_size * block_size * args.grad_accum * procs.world_size,
               step=state.get("step", 0), best_val_loss=state.get("best_val_loss", math.inf))
     if procs.is_main:
-        print(f"{gpt.num_params() / 1e6:.1f}M parameters ({card['model_type']}), context {block_size}, "
-              f"{run.tokens_per_step:,} tokens per step ({procs.world_size} process(es) x {args.grad_accum} "
-              f"micro-steps x {args.batch_size} x {block_size}), {len(train_tokens):,} training tokens in {data}, "
-              f"{device} {str(dtype).removeprefix('torch.')}" + (", fsdp" if run.sharded else "")
-              + (", activation checkpointing" if args.activation_checkpointing else ""))
-        if state:
-            print(f"resuming {state_path} at step {run.step}")
+        run.records = read_records(out_dir / METRICS) if args.resume else []
+        describe_run(run, data)
     return run
+
+
+def read_records(path: Path) -> list[dict]:
+    """metrics.jsonl's records; a line cut short by a killed run is left out."""
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            pass
+    return records
+
+
+def describe_run(run: Run, data: Path) -> None:
+    """The run's first lines: model, batch, data and device, and what the progress lines' columns mean."""
+    args, procs, gpt = run.args, run.procs, run.gpt
+    print(f"{gpt.num_params() / 1e6:.1f}M parameters ({run.card['model_type']}), context {run.block_size}, "
+          f"{run.tokens_per_step:,} tokens per step ({procs.world_size} process(es) x {args.grad_accum} "
+          f"micro-steps x {args.batch_size} x {run.block_size}), {len(run.train_tokens):,} training tokens in "
+          f"{data}, {run.device} {str(run.dtype).removeprefix('torch.')}" + (", fsdp" if run.sharded else "")
+          + (", activation checkpointing" if args.activation_checkpointing else ""))
+    print(f"progress lines: loss is the mean training loss over the steps since the last evaluation; val is the "
+          f"loss on the same {args.eval_batches} x {args.batch_size} validation windows at every evaluation")
+    if warmup_steps(args) != args.warmup_steps:
+        print(f"note: --warmup-steps {args.warmup_steps} is not shorter than --max-steps {args.max_steps}, so the "
+              f"learning rate would never decay; this run warms up for {warmup_steps(args)} steps", file=sys.stderr)
+    if args.resume:
+        print(f"resuming {run.state_path} at step {run.step}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -622,7 +691,8 @@ def save_best(run: Run, val_loss: float) -> None:
 
 def log_evaluation(run: Run, metrics_file, training: dict) -> dict:
     """Validation loss (and a sample) at run.step: one progress line, one metrics.jsonl record (with
-    `training`, the averages since the last evaluation), and best.pt when the loss is the best yet."""
+    `training`, the averages since the last evaluation), loss.svg redrawn, and best.pt when the loss is
+    the best yet."""
     args = run.args
     val_loss = validation_loss(run.compiled, run.val_tokens, batches=args.eval_batches, batch_size=args.batch_size,
                                block_size=run.block_size, seed=args.seed, ctx=run.ctx, procs=run.procs,
@@ -638,6 +708,9 @@ def log_evaluation(run: Run, metrics_file, training: dict) -> dict:
             print("    " + record["sample"].replace("\n", "\n    "), flush=True)
         metrics_file.write(json.dumps(record) + "\n")
         metrics_file.flush()
+        run.records.append(record)
+        write_loss_svg(run.state_path.parent / LOSS_SVG, run.records,
+                       title=f"pretrain.py: {run.card['model_type']}, {run.gpt.num_params() / 1e6:.1f}M parameters")
     if val_loss < run.best_val_loss:
         save_best(run, val_loss)
     run.best_val_loss = min(run.best_val_loss, val_loss)
@@ -679,7 +752,7 @@ def optimizer_step(run: Run, ctrl_c: StopOnCtrlC) -> tuple[float, float, float, 
     Returns (loss, gradient norm, learning rate, whether any process saw Ctrl-C). A loss or norm that
     is not finite stops the run with the last good checkpoint kept."""
     args, procs, device = run.args, run.procs, run.device
-    lr = get_lr(run.step, lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps, max_steps=args.max_steps)
+    lr = get_lr(run.step, lr=args.lr, min_lr=args.min_lr, warmup_steps=warmup_steps(args), max_steps=args.max_steps)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     x, y = draw_batch(run.train_tokens, args.batch_size, run.block_size, grad_accum=args.grad_accum,
@@ -730,6 +803,8 @@ def train(args: argparse.Namespace) -> tuple[GPT, dict]:
                     if run.step % args.eval_every == 0 or run.step == args.max_steps:
                         last_record = log_evaluation(run, metrics, since_eval.record(run, lr, norm))
                         since_eval = Interval()
+                    elif args.log_every and run.step % args.log_every == 0 and procs.is_main:
+                        print(progress_line(run.step, args.max_steps, since_eval.record(run, lr, norm)), flush=True)
                     if run.step == args.max_steps or interrupted or (args.save_every
                                                                      and run.step % args.save_every == 0):
                         save_latest(run)
