@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
@@ -194,9 +194,31 @@ def shard(gpt: GPT, device: torch.device, dtype: torch.dtype) -> GPT:
     return gpt
 
 
+def sharded_model(config: GPTConfig, device: torch.device, dtype: torch.dtype,
+                  activation_checkpointing: bool) -> GPT:
+    """A model of config in which this process holds its shards only: made on the meta device (no
+    memory), sharded, and only then given memory. The shards hold garbage until broadcast_weights or
+    load_sharded fills them."""
+    with torch.device("meta"):
+        gpt = GPT(config)
+    if activation_checkpointing:
+        checkpoint_activations(gpt)
+    shard(gpt, device, dtype)
+    gpt.to_empty(device=device)
+    return gpt
+
+
+def broadcast_weights(gpt: GPT, full: GPT | None) -> None:
+    """Fill every process's shards of gpt from `full`, rank 0's whole model on the CPU (None in the
+    other processes). Every process must call it."""
+    set_model_state_dict(gpt, full.state_dict() if full is not None else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+
 def local_bytes(tensors) -> int:
     """Bytes this process holds of these tensors (its own shard of a sharded one)."""
     return sum((t.to_local() if isinstance(t, DTensor) else t).nbytes for t in tensors)
+
 
 # ---------------------------------------------------------------------------------------------------
 # Random states: each process's own, saved with a checkpoint so that dropout resumes exactly

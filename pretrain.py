@@ -3,9 +3,15 @@
     python pretrain.py        # Tiny Shakespeare, the "mini" model, a few minutes on a laptop CPU
 
 With no flags this downloads Tiny Shakespeare once, tokenizes it once into the download cache, and
-trains a small GPT whose samples, printed every --eval-every steps, go from noise to play-like text.
-Any family trains the same way, each with its own tokenizer (--preset mistral-tiny, --init FOLDER of
-a Hub-layout model). Before a big run, ask what it needs; several processes run under torchrun:
+trains a small GPT whose samples, printed every --eval-every steps, go from noise to play-like text;
+OUT_DIR/loss.svg draws its training and validation loss. Any family trains the same way, each with
+its own tokenizer (--preset mistral-tiny, --init FOLDER of a Hub-layout model), and a new model can
+take a tokenizer you trained:
+
+    python tokenizer.py train corpus.txt --out out/bpe.json         # a BPE vocabulary of your own text
+    python pretrain.py --data corpus.txt --tokenizer out/bpe.json    # a new model that reads with it
+
+Before a big run, ask what it needs; several processes run under torchrun:
 
     python pretrain.py --plan --preset gpt2 --block-size 1024 --batch-size 16   # memory and time, no training
     torchrun --standalone --nproc_per_node=8 pretrain.py --preset gpt2 --data 'corpus/*.txt'
@@ -36,7 +42,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -44,9 +49,9 @@ import download
 import tokenizer
 from common import (ArgumentParser, UserError, clock, non_negative_float, non_negative_int, positive_float,
                     positive_int, refuse_changed_flags, run_stage, unit_interval, writable_folder)
-from distributed import (Processes, StopOnCtrlC, checkpoint_activations, consolidate, from_rank0, gathered_rng,
-                         load_sharded, local_bytes, local_leader_first, processes, read_train_state, restore_rng,
-                         run_folder_lock, save_sharded, shard)
+from distributed import (Processes, StopOnCtrlC, broadcast_weights, checkpoint_activations, consolidate, from_rank0,
+                         gathered_rng, load_sharded, local_bytes, local_leader_first, processes, read_train_state,
+                         restore_rng, run_folder_lock, save_sharded, sharded_model)
 from generate import sample_next
 from loss_curve import write_loss_svg
 from load_gpt2 import add_init_args, load_model, model_card, tokenizer_for
@@ -501,9 +506,8 @@ def build(args: argparse.Namespace, procs: Processes, device: torch.device,
 
 def build_sharded(args: argparse.Namespace, procs: Processes, device: torch.device, dtype: torch.dtype,
                   resume: Path | None) -> tuple[GPT, torch.optim.Optimizer, dict, dict]:
-    """build() under FSDP: the model is made on the meta device (no memory) in every process, sharded,
-    and only then given memory, its own shards only; the weights come from rank 0 (a new run) or from
-    the sharded checkpoint."""
+    """build() under FSDP: every process holds its own shards only (distributed.sharded_model); the
+    weights come from rank 0's model (a new run) or from the sharded checkpoint."""
     full = None
     if resume is not None:
         state = read_train_state(resume)
@@ -521,18 +525,12 @@ def build_sharded(args: argparse.Namespace, procs: Processes, device: torch.devi
         if isinstance(config_and_card, str):
             raise UserError(config_and_card)
         config, card = GPTConfig(**config_and_card[0]), config_and_card[1]
-    with torch.device("meta"):
-        gpt = GPT(config)
-    if args.activation_checkpointing:
-        checkpoint_activations(gpt)
-    shard(gpt, device, dtype)
-    gpt.to_empty(device=device)
+    gpt = sharded_model(config, device, dtype, args.activation_checkpointing)
     optimizer = gpt.configure_optimizer(args.lr, args.weight_decay, device_type=device.type)
     if resume is not None:
         load_sharded(resume, gpt, optimizer)
     else:
-        set_model_state_dict(gpt, full.state_dict() if full is not None else {},
-                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        broadcast_weights(gpt, full)
     return gpt, optimizer, card, state
 
 
