@@ -1,6 +1,6 @@
 """What every stage script shares: how it starts and ends (flags checked when parsed, one sentence
-and exit 1 for a user's mistake, 130 on Ctrl-C), files replaced atomically, run folders locked, and
-the one progress line.
+and exit 1 for a user's mistake, 130 on Ctrl-C), files replaced atomically, run folders locked (and
+--resume's check that a run's flags did not change), and the one progress line.
 
 Nothing here knows about models or tokens; every other file of ours may import it.
 """
@@ -103,12 +103,12 @@ def run_stage(main, parse_args) -> None:
 
 
 def refuse_changed_flags(saved: dict, args: argparse.Namespace, must_match: tuple[str, ...], folder: Path,
-                         otherwise: str, more: list[str] = ()) -> None:
+                         otherwise: str, more: tuple[str, ...] = ()) -> None:
     """--resume's check: UserError naming every flag of must_match whose value in the saved run's flags
     differs from this command's (plus `more`, other differences a stage found), and what to do instead."""
     changed = [f"--{name.replace('_', '-')} {saved[name]} (now {getattr(args, name)})"
                for name in must_match if name in saved and saved[name] != getattr(args, name)]
-    changed += more
+    changed += list(more)
     if changed:
         raise UserError(f"--resume: the run in {folder} used {', '.join(changed)}; repeat the run's flags to resume "
                         f"it, or {otherwise}")

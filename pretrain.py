@@ -455,10 +455,10 @@ RESUME_MUST_MATCH = ("data", "errors", "init", "preset", "tokenizer", "block_siz
 
 def check_resume_flags(saved: dict, args: argparse.Namespace, procs: Processes, state_path: Path) -> None:
     """Refuse a --resume whose flags differ from the run's where that changes the run; say which."""
-    more = []
+    more = ()
     if "world_size" in saved and saved["grad_accum"] * saved["world_size"] != args.grad_accum * procs.world_size:
-        more.append(f"--grad-accum {saved['grad_accum']} with {saved['world_size']} process(es) "
-                    f"(now {args.grad_accum} with {procs.world_size}; their product must stay the same)")
+        more = (f"--grad-accum {saved['grad_accum']} with {saved['world_size']} process(es) "
+                f"(now {args.grad_accum} with {procs.world_size}; their product must stay the same)",)
     weights = f"--init {state_path}" if state_path.suffix == ".pt" else \
         f"--init {state_path.with_suffix('.pt')} after python pretrain.py --consolidate {state_path}"
     refuse_changed_flags(saved, args, RESUME_MUST_MATCH, state_path.parent,

@@ -585,3 +585,23 @@ def test_loss_svg_holds_one_point_per_evaluation_and_grows_on_resume(verdict_tok
                              "--resume"))
     assert (points("val_loss"), points("train_loss")) == (4, 3)
     assert "tokens seen" in (tmp_path / "loss.svg").read_text()
+
+
+def test_files_from_before_model_cards_and_tokenizer_names_are_refused_with_what_to_do(verdict_tokens, tmp_path):
+    """No shims for the project's older files: a ckpt.pt without a model card, and a token folder whose
+    meta.json names no tokenizer, each stop with one sentence that says what to do."""
+    pretrain.train(tiny_args(verdict_tokens, tmp_path, "--max-steps", "1", "--sample-tokens", "0"))
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    del state["model_type"], state["tokenizer"]
+    torch.save(state, tmp_path / "ckpt.pt")
+    with pytest.raises(common.UserError, match="before checkpoints carried a model card.*--init"):
+        pretrain.train(tiny_args(verdict_tokens, tmp_path, "--resume", "--max-steps", "2"))
+    old = tmp_path / "old-tokens"
+    old.mkdir()
+    for name in ("train.bin", "val.bin"):
+        (old / name).write_bytes((verdict_tokens / name).read_bytes())
+    meta = json.loads((verdict_tokens / "meta.json").read_text())
+    del meta["tokenizer_name"]
+    (old / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(common.UserError, match="does not name the tokenizer.*tokenizer.py prepare"):
+        pretrain.train(tiny_args(old, tmp_path / "new"))
