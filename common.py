@@ -1,6 +1,6 @@
 """What every stage script shares: how it starts and ends (flags checked when parsed, one sentence
-and exit 1 for a user's mistake, 130 on Ctrl-C), files replaced atomically, run folders locked, and
-the one progress line.
+and exit 1 for a user's mistake, 130 on Ctrl-C), files replaced atomically, run folders locked (and
+--resume's check that a run's flags did not change), and the one progress line.
 
 Nothing here knows about models or tokens; every other file of ours may import it.
 """
@@ -71,6 +71,12 @@ def describe_os_error(e: OSError) -> str:
     return f"{where}{e.strerror or type(e).__name__}"
 
 
+def is_main_process() -> bool:
+    """Whether this process prints and writes the shared files: the only one, or rank 0 under torchrun
+    (distributed.Processes.is_main says the same once the processes are set up)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def run_stage(main, parse_args) -> None:
     """Run a stage script, main(parse_args()), and end it the one way every stage ends.
 
@@ -78,22 +84,34 @@ def run_stage(main, parse_args) -> None:
     one line, `error: <sentence>`, and exits 1, never a traceback; Ctrl-C exits 130, as does a run
     whose result says it was interrupted (after saving what it had). Under torchrun only rank 0
     prints: every process meets the same error. Anything else is a bug and keeps its traceback."""
-    speaks = os.environ.get("RANK", "0") == "0"
+    is_main = is_main_process()
     try:
         result = main(parse_args())
     except UserError as e:
-        sys.exit(f"error: {' '.join(str(e).split())}" if speaks else 1)
+        sys.exit(f"error: {' '.join(str(e).split())}" if is_main else 1)
     except BrokenPipeError:  # the reader went away (`| head`): not an error worth a message
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
     except OSError as e:
-        sys.exit(f"error: {describe_os_error(e)}" if speaks else 1)
+        sys.exit(f"error: {describe_os_error(e)}" if is_main else 1)
     except KeyboardInterrupt:
-        if speaks:
+        if is_main:
             print("\ninterrupted", file=sys.stderr)
         sys.exit(130)
     if isinstance(result, dict) and result.get("interrupted"):
         sys.exit(130)  # the shell's convention for "stopped by Ctrl-C"
+
+
+def refuse_changed_flags(saved: dict, args: argparse.Namespace, must_match: tuple[str, ...], folder: Path,
+                         otherwise: str, more: tuple[str, ...] = ()) -> None:
+    """--resume's check: UserError naming every flag of must_match whose value in the saved run's flags
+    differs from this command's (plus `more`, other differences a stage found), and what to do instead."""
+    changed = [f"--{name.replace('_', '-')} {saved[name]} (now {getattr(args, name)})"
+               for name in must_match if name in saved and saved[name] != getattr(args, name)]
+    changed += list(more)
+    if changed:
+        raise UserError(f"--resume: the run in {folder} used {', '.join(changed)}; repeat the run's flags to resume "
+                        f"it, or {otherwise}")
 
 
 def atomic_write(path: str | Path, data: str | bytes) -> Path:

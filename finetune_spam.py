@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (ArgumentParser, RunLock, UserError, atomic_write, clock, non_negative_float, positive_float,
-                    positive_int, run_stage, writable_folder)
+                    positive_int, refuse_changed_flags, run_stage, writable_folder)
 from download import DownloadError, SMS_SPAM_SHA256, cache_dir, fetch
 from load_gpt2 import add_init_args, load_model, model_card, tokenizer_for
 from model import GPT, add_device_args, add_lora, autocast, device_and_dtype, merge_lora, save_checkpoint
@@ -322,11 +322,8 @@ def load_state(path: Path, args: argparse.Namespace) -> dict:
         raise UserError(f"--resume: {path} does not exist; start the run without --resume") from None
     except Exception:  # truncated, not ours: unusable either way
         raise UserError(f"--resume: {path} is not a readable training state; start again with --force") from None
-    changed = [name for name in RESUME_MUST_MATCH if saved_args.get(name) != getattr(args, name)]
-    if changed:
-        flags = ", ".join(f"--{n.replace('_', '-')} {saved_args.get(n)} (now {getattr(args, n)})" for n in changed)
-        raise UserError(f"--resume: the run in {path.parent} used {flags}; repeat the run's flags to resume it, "
-                        f"or start a new run with --force or another --out-dir")
+    refuse_changed_flags(saved_args, args, RESUME_MUST_MATCH, path.parent,
+                         "start a new run with --force or another --out-dir")
     return state
 
 

@@ -1,6 +1,12 @@
 """The run planner: what a training run needs before it starts (memory per process, FLOPs, time on
 a named GPU or on this machine) and which flag would make it fit. pretrain.py and
 finetune_instruct.py both print their --plan from here.
+
+    python pretrain.py --plan --preset gpt2 --block-size 1024 --batch-size 16    # trains nothing
+
+Reading order: the devices' figures (data sheets, and what is measured on this machine); the memory
+and FLOPs of one training step, term by term; then the plan itself, its report and the configs it
+is made for.
 """
 import dataclasses
 import functools
@@ -18,18 +24,40 @@ from common import UserError, atomic_write, clock, writable_folder
 from model import DTYPES, GPT, GPTConfig, checkpoint_kind, get_config, resolve_dtype
 
 
-# The GPUs --plan prices every run on: bf16 peak, and memory as nvidia-smi reports it (MiB), which is
-# what the data sheets' "80 GB", "141 GB", "24 GB" amount to (A100: the 80 GB model; H100: SXM).
-PLAN_GPUS = {"H100": (989e12, 81559 * 2**20), "H200": (989e12, 143771 * 2**20), "A100": (312e12, 81920 * 2**20),
-             "L4": (121e12, 23034 * 2**20)}
+# ---------------------------------------------------------------------------------------------------
+# The devices: data-sheet figures, assumptions, and what this machine measures
+
+# Dense 16-bit tensor-core peaks (FLOP/s) from the vendors' data sheets; the first name found in the
+# device's name wins, so the more specific names come first.
+PEAK_FLOPS_16BIT = [
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("B200", 2250e12),
+    ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("RTX 4090", 165e12), ("V100", 125e12),
+]
+
+# The GPUs --plan prices every run on, with their memory as nvidia-smi reports it (MiB), which is what
+# the data sheets' "80 GB", "141 GB", "24 GB" amount to (A100: the 80 GB model; H100: SXM).
+PLAN_GPUS = {"H100": 81559 * 2**20, "H200": 143771 * 2**20, "A100": 81920 * 2**20, "L4": 23034 * 2**20}
+
+GPU_MFU = 0.40  # the share of the bf16 peak assumed sustained on GPUs (well-tuned GPT-2 training reaches more)
+CPU_MFU = 0.50  # the share of the measured float32 matmul rate assumed sustained on this CPU
+CUDA_CONTEXT_BYTES = 1e9  # the CUDA runtime's own memory on each GPU, outside PyTorch's allocations
+
+
+# What a training step adds on a CPU beyond its tensors: thread pools, matmul scratch buffers and the
+# memory the allocator keeps after frees (130-150 MB with any model size: tests/bench.py train's plan case).
+CPU_STEP_BYTES = 150e6
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
     """The device's peak FLOP/s for this dtype when the table knows it (16-bit on known GPUs), else None."""
     if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_FLOPS_16BIT if key in name), None)
+    return data_sheet_peak(torch.cuda.get_device_name(device))
+
+
+def data_sheet_peak(gpu_name: str) -> float | None:
+    """PEAK_FLOPS_16BIT's figure for a GPU's name, None for a GPU the table does not know."""
+    return next((peak for key, peak in PEAK_FLOPS_16BIT if key in gpu_name), None)
 
 
 def peak_memory(device: torch.device) -> int | None:
@@ -52,15 +80,42 @@ def peak_memory(device: torch.device) -> int | None:
     return maxrss if sys.platform == "darwin" else maxrss * 1024  # bytes on macOS, KiB elsewhere
 
 
-GPU_MFU = 0.40  # the share of the bf16 peak assumed sustained on GPUs (nanoGPT's GPT-2 124M: 48.9 % on an H200)
-CPU_MFU = 0.50  # the share of the measured float32 matmul rate assumed sustained on this CPU
-CUDA_CONTEXT_BYTES = 1e9  # the CUDA runtime's own memory on each GPU, outside PyTorch's allocations
+def cpu_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
+    """This CPU's float32 matmul rate, FLOP/s: the best of a few n x n products (~0.1 s)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm the thread pool and the kernels
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best
 
 
-# What a training step adds on a CPU beyond its tensors: thread pools, matmul scratch buffers and the
-# memory the allocator keeps after frees (130-150 MB measured with torch 2.13 on Linux, any model size).
-CPU_STEP_BYTES = 150e6
+def current_rss() -> float:
+    """This process's resident memory now, in bytes (Linux; elsewhere its peak so far)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return float(peak_memory(torch.device("cpu")) or 0)
 
+
+def machine_memory() -> float | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# One training step's memory and FLOPs
+#
+# Memory per process, in bytes, at the peak of a training step. AdamW keeps two float32 moments per
+# trainable weight, so weights, gradients and optimizer state take 4 + 4 + 8 = 16 bytes per
+# parameter (DDP: all of it in every process; FSDP: 1/N of it). Activations are what the forward pass
+# keeps for the backward pass; their count per token follows the blocks' code in model.py term by term
+# (see block_activations) and is checked against what autograd really saves in tests/test_plan.py.
 
 def block_activations(config: GPTConfig, tokens: int, block_size: int, half: bool) -> float:
     """Bytes one block keeps for backward over `tokens` tokens (micro-batch x context), per model.py.
@@ -180,33 +235,8 @@ def training_flops(config: GPTConfig, block_size: int, *, trainable_params: int 
     return flops, hardware
 
 
-def cpu_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
-    """This CPU's float32 matmul rate, FLOP/s: the best of a few n x n products (~0.1 s)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b  # warm the thread pool and the kernels
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * n ** 3 / best
-
-
-def current_rss() -> float:
-    """This process's resident memory now, in bytes (Linux; elsewhere its peak so far)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return float(peak_memory(torch.device("cpu")) or 0)
-
-
-def machine_memory() -> float | None:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
-
+# ---------------------------------------------------------------------------------------------------
+# The plan
 
 # How a run that does not fit can be made to: changes to try, least disruptive first. A change that
 # raises the process count keeps the global batch (the micro-steps shrink) where it can.
@@ -276,7 +306,7 @@ def make_plan(config: GPTConfig, *, batch_size: int, block_size: int, grad_accum
 
     gpu_dtype = DTYPES.get(dtype_name, torch.bfloat16)  # auto: bfloat16 on these GPUs, float32 on a CPU
     devices = [price("this CPU", cpu_flops * CPU_MFU, machine_memory(), False, DTYPES.get(dtype_name, torch.float32))]
-    devices += [price(gpu, peak * GPU_MFU, size, True, gpu_dtype) for gpu, (peak, size) in PLAN_GPUS.items()]
+    devices += [price(gpu, data_sheet_peak(gpu) * GPU_MFU, size, True, gpu_dtype) for gpu, size in PLAN_GPUS.items()]
     chosen = devices[0]
     if device.type == "cuda":  # the run's own GPU, with the memory CUDA reports
         dtype = resolve_dtype(dtype_name, device)
@@ -394,11 +424,3 @@ def report_plan(plan: dict, out_dir: str | Path) -> dict:
     atomic_write(out_dir / "plan.json", json.dumps(plan, indent=2) + "\n")
     print(f"wrote {out_dir / 'plan.json'}")
     return plan
-
-
-# Dense 16-bit tensor-core peaks (FLOP/s) from the vendors' data sheets; the first name found in the
-# device's name wins, so the more specific names come first.
-PEAK_FLOPS_16BIT = [
-    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("B200", 2250e12),
-    ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("RTX 4090", 165e12), ("V100", 125e12),
-]

@@ -3,9 +3,15 @@
     python pretrain.py        # Tiny Shakespeare, the "mini" model, a few minutes on a laptop CPU
 
 With no flags this downloads Tiny Shakespeare once, tokenizes it once into the download cache, and
-trains a small GPT whose samples, printed every --eval-every steps, go from noise to play-like text.
-Any family trains the same way, each with its own tokenizer (--preset mistral-tiny, --init FOLDER of
-a Hub-layout model). Before a big run, ask what it needs; several processes run under torchrun:
+trains a small GPT whose samples, printed every --eval-every steps, go from noise to play-like text;
+OUT_DIR/loss.svg draws its training and validation loss. Any family trains the same way, each with
+its own tokenizer (--preset mistral-tiny, --init FOLDER of a Hub-layout model), and a new model can
+take a tokenizer you trained:
+
+    python tokenizer.py train corpus.txt --out out/bpe.json         # a BPE vocabulary of your own text
+    python pretrain.py --data corpus.txt --tokenizer out/bpe.json    # a new model that reads with it
+
+Before a big run, ask what it needs; several processes run under torchrun:
 
     python pretrain.py --plan --preset gpt2 --block-size 1024 --batch-size 16   # memory and time, no training
     torchrun --standalone --nproc_per_node=8 pretrain.py --preset gpt2 --data 'corpus/*.txt'
@@ -13,53 +19,49 @@ a Hub-layout model). Before a big run, ask what it needs; several processes run 
         --activation-checkpointing --block-size 4096 --batch-size 1
     python pretrain.py --consolidate out/pretrain/best.dcp    # an FSDP checkpoint -> best.pt, one file
 
-Reading order: the command line; the schedule and the devices' data-sheet figures; planning (what a
-run needs in memory and time, before it starts); data (text is prepared once into token files, with
-the model's own tokenizer); processes (torchrun); the model, replicated (DDP) or sharded (FSDP); one
-training step; evaluation and samples; checkpoints, single-file and sharded; then train(), the loop
-that ties them together.
+Reading order: the command line; the learning-rate schedule; --plan (planner.py does the sums); data
+(text is prepared once into token files, with the model's own tokenizer); the model a run starts
+from; one optimizer step; validation loss and samples; checkpoints; the run's set-up (replicated or
+sharded, distributed.py holds the multi-process plumbing); then train(), the loop that ties them
+together.
 """
 import argparse
 import dataclasses
-import functools
 import hashlib
-import io
 import json
 import math
 import os
-import pickle
 import re
 import shutil
-import signal
 import sys
-import threading
 import time
-import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.checkpoint import checkpoint
 
 import corpus
 import download
-from common import (ArgumentParser, RunLock, UserError, atomic_write, clock, non_negative_float, non_negative_int,
-                    positive_float, positive_int, run_stage, unit_interval, writable_folder)
+import tokenizer
+from common import (ArgumentParser, UserError, clock, non_negative_float, non_negative_int, positive_float, positive_int,
+                    refuse_changed_flags, run_stage, unit_interval, writable_folder)
 from corpus import sample_windows
+from distributed import (Processes, StopOnCtrlC, broadcast_weights, checkpoint_activations, consolidate, from_rank0,
+                         gathered_rng, load_sharded, local_bytes, local_leader_first, processes, read_train_state,
+                         restore_rng, run_folder_lock, save_sharded, sharded_model)
 from generate import sample_next
 from load_gpt2 import add_init_args, load_model, model_card, tokenizer_for
+from loss_curve import write_loss_svg
 from model import (DTYPES, GPT, GPTConfig, add_device_args, autocast, get_config, load_checkpoint, missing_compiler,
                    resolve_device, resolve_dtype, save_checkpoint)
 from planner import init_config, make_plan, peak_flops, peak_memory, report_plan
 from tokenizer_base import bos
+
 
 
 STRATEGIES = ("ddp", "fsdp")
@@ -76,14 +78,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="text that is not UTF-8: stop with an error, or decode bad bytes as U+FFFD")
     add_init_args(p, "random", "starting weights (to continue pretraining them; 'random' uses --preset mini unless "
                                "told otherwise)")
+    p.add_argument("--tokenizer", metavar="FILE", default=None,
+                   help="a new model's tokenizer (--init random): a file from `tokenizer.py train`, a tokenizer.json "
+                        "or tokenizer.model, or 'mistral'; its vocabulary sets the model's, and the checkpoint's card "
+                        "records it for every later stage. None: the preset's own tokenizer")
     p.add_argument("--block-size", type=positive_int, default=None,
                    help="training context in tokens; None: the model's block_size. A random model gets "
                         "exactly this context; a loaded one must have at least this much")
     p.add_argument("--dropout", type=unit_interval, default=0.0, help="dropout probability in the model while training")
     p.add_argument("--out-dir", default="out/pretrain",
-                   help="run folder: ckpt.pt (latest, to resume), best.pt (best validation loss), metrics.jsonl; "
-                        "under --strategy fsdp the folders ckpt.dcp and best.dcp instead (see --consolidate); "
-                        "plan.json with --plan")
+                   help="run folder: ckpt.pt (latest, to resume), best.pt (best validation loss), metrics.jsonl "
+                        "(one record per evaluation), loss.svg (its curves, for a browser); under --strategy fsdp "
+                        "the folders ckpt.dcp and best.dcp instead (see --consolidate); plan.json with --plan")
+    p.add_argument("--force", action=argparse.BooleanOptionalAction, default=False,
+                   help="start a new run even if OUT_DIR already holds one, replacing its checkpoints and metrics")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
                    help="continue the run saved in OUT_DIR: repeat the run's command and add --resume (--max-steps, "
                         "--device, the evaluation and saving intervals and the process count may change)")
@@ -102,6 +110,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="clip the gradient norm to this; 0 turns clipping off")
     p.add_argument("--eval-every", type=positive_int, default=25,
                    help="steps between evaluations: validation loss, a sample, a progress line, a metrics record")
+    p.add_argument("--log-every", type=non_negative_int, default=5,
+                   help="steps between progress lines without an evaluation (their loss is the mean since the last "
+                        "evaluation); 0: lines at evaluations only")
     p.add_argument("--eval-batches", type=positive_int, default=8,
                    help="validation batches of --batch-size sequences; the same windows at every evaluation")
     p.add_argument("--save-every", type=non_negative_int, default=100,
@@ -134,6 +145,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.preset = args.preset or "mini"
     elif args.preset is not None:
         p.error(f"--preset only applies to --init random; {args.init} brings its own size")
+    elif args.tokenizer is not None:
+        p.error(f"--tokenizer only applies to --init random; {args.init} brings its own tokenizer")
+    if args.resume and args.force:
+        p.error("--resume continues a run and --force replaces it; choose one")
     if args.min_lr > args.lr:
         p.error(f"--min-lr {args.min_lr} is above --lr {args.lr}; the schedule decays from --lr down to --min-lr")
     if args.strategy == "fsdp" and args.dtype == "float16":
@@ -148,7 +163,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Schedule and devices
+# The learning-rate schedule
 
 def get_lr(step: int, *, lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
     """Learning rate of optimizer step `step` (0-based): linear warmup to lr, then cosine decay to min_lr."""
@@ -160,15 +175,13 @@ def get_lr(step: int, *, lr: float, min_lr: float, warmup_steps: int, max_steps:
     return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (lr - min_lr)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Planning: what a run needs, before it starts
-#
-# Memory per process, in bytes, at the peak of a training step. AdamW keeps two float32 moments per
-# trainable weight, so weights, gradients and optimizer state take 4 + 4 + 8 = 16 bytes per
-# parameter (DDP: all of it in every process; FSDP: 1/N of it). Activations are what the forward pass
-# keeps for the backward pass; their count per token follows the blocks' code in model.py term by term
-# (see block_activations) and is checked against what autograd really saves in tests/test_plan.py.
+def warmup_steps(args: argparse.Namespace) -> int:
+    """--warmup-steps, or a tenth of a run that would end inside its warm-up and so never decay."""
+    return args.warmup_steps if args.warmup_steps < args.max_steps else args.max_steps // 10
 
+
+# ---------------------------------------------------------------------------------------------------
+# Planning: what a run needs, before it starts (planner.py)
 
 def plan_main(args: argparse.Namespace) -> dict:
     writable_folder(args.out_dir)
@@ -176,6 +189,9 @@ def plan_main(args: argparse.Namespace) -> dict:
     if args.init == "random" and args.block_size:  # a random model gets exactly the training context
         config = dataclasses.replace(config, block_size=args.block_size)
     config = dataclasses.replace(config, dropout=args.dropout)
+    if args.tokenizer:
+        config = dataclasses.replace(config, vocab_size=tokenizer_for(
+            {"tokenizer": tokenizer_card_name(args.tokenizer)}).n_vocab)
     block_size = args.block_size or config.block_size
     if block_size > config.block_size:
         raise UserError(f"--block-size {block_size} is longer than {what}'s context of {config.block_size} tokens")
@@ -227,14 +243,19 @@ def token_folder(data: str | None, tokenizer_name: str = "gpt2", errors: str = "
     return folder
 
 
-def load_splits(folder: Path, block_size: int, vocab_size: int, tok, tokenizer_name: str) -> tuple[np.ndarray, np.ndarray]:
+def load_splits(folder: Path, block_size: int, vocab_size: int, tok,
+                tokenizer_name: str) -> tuple[np.ndarray, np.ndarray]:
     """train.bin and val.bin of a token folder, checked against its meta.json (corpus.load_token_folder)
     and against the model: its tokenizer, its vocabulary, and at least one window per split."""
     train, val, meta = corpus.load_token_folder(folder)
     if meta.get("vocab_size", 0) > vocab_size:
         raise UserError(f"{folder} was tokenized with a vocabulary of {meta['vocab_size']} tokens, larger than the "
                         f"model's {vocab_size}; prepare the text with the model's tokenizer")
-    made_with = meta.get("tokenizer_name", "gpt2")  # folders from before tokenizer names were recorded are GPT-2's
+    made_with = meta.get("tokenizer_name")
+    if made_with is None:
+        raise UserError(f"{folder / 'meta.json'} does not name the tokenizer its tokens come from (it was prepared "
+                        f"before meta.json recorded one); prepare it again with: python tokenizer.py prepare INPUT "
+                        f"--out {folder}")
     if made_with != tokenizer_name:
         if meta.get("vocab_size") != tok.n_vocab or meta.get("eot_token", tok.eos_id) != tok.eos_id:
             raise UserError(f"{folder} was tokenized with {made_with}, but the model's tokenizer is {tokenizer_name}; "
@@ -269,126 +290,30 @@ def draw_batch(tokens: np.ndarray, batch_size: int, block_size: int, *, grad_acc
 
 
 # ---------------------------------------------------------------------------------------------------
-# Processes: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them this is one plain process
+# The model a run starts from
 
-@dataclasses.dataclass
-class Processes:
-    rank: int = 0  # this process among all of them; rank 0 prints and writes the shared files
-    local_rank: int = 0  # this process on its machine; picks the GPU
-    world_size: int = 1
-    torchrun: bool = False  # started by torchrun (which also forwards Ctrl-C to every process)
+def tokenizer_card_name(value: str) -> str:
+    """--tokenizer as a model card names it (and `tokenizer.py prepare` in meta.json): a name's place in
+    the download cache, or the file's absolute path, so the card finds it from any folder."""
+    if value in tokenizer.NAMED_TOKENIZERS:
+        return tokenizer.NAMED_TOKENIZERS[value]
+    if not Path(value).is_file():
+        raise UserError(f"--tokenizer {value} is not a file; train one with: python tokenizer.py train INPUT "
+                        f"--out {value}")
+    return str(Path(value).resolve())
 
-    @property
-    def distributed(self) -> bool:
-        return dist.is_initialized()
-
-
-def init_processes(device_name: str, strategy: str = "ddp") -> tuple[Processes, torch.device]:
-    """Join torchrun's process group (NCCL on GPUs, gloo on CPUs) if there is one; pick the device.
-
-    FSDP needs a process group even alone, so without torchrun it gets one of a single process."""
-    try:
-        device = resolve_device(device_name)
-    except ValueError as e:
-        raise UserError(f"--device: {e}") from None
-    if "RANK" not in os.environ:
-        procs = Processes()
-    else:
-        procs = Processes(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]),
-                          torchrun=True)
-    if not procs.torchrun and strategy != "fsdp":
-        return procs, device
-    if device.type == "cuda":
-        device = torch.device("cuda", procs.local_rank)
-        torch.cuda.set_device(device)
-    elif device.type != "cpu":
-        raise UserError(f"several processes and FSDP need CUDA GPUs (NCCL) or CPUs (gloo), not {device.type}")
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    if procs.torchrun:
-        dist.init_process_group(backend)
-    else:  # one process: an in-memory store, no port to find
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    return procs, device
-
-
-def local_leader_first(procs: Processes, fn):
-    """fn() on each machine's first process, then on the others: downloads and tokenizing happen once."""
-    if procs.distributed and procs.local_rank != 0:
-        dist.barrier()
-    result = fn()
-    if procs.distributed and procs.local_rank == 0:
-        dist.barrier()
-    return result
-
-
-def from_rank0(procs: Processes, value):
-    """Rank 0's value of a small picklable object (a config, an error message), in every process."""
-    if not procs.distributed:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-@contextmanager
-def run_folder_lock(out_dir: Path, procs: Processes):
-    """Hold OUT_DIR's RunLock (common.RunLock) on rank 0 while the run writes there; every process
-    learns whether it was taken, so all of them stop at once when another run holds the folder."""
-    lock, problem = RunLock(out_dir), None
-    if procs.rank == 0:
-        try:
-            lock.__enter__()
-        except UserError as e:
-            problem = str(e)
-    problem = from_rank0(procs, problem)
-    if problem:
-        raise UserError(problem)
-    try:
-        yield
-    finally:
-        if procs.rank == 0:
-            lock.__exit__(None, None, None)
-
-
-class StopOnCtrlC:
-    """Ctrl-C asks the loop to stop after the current step and save a checkpoint.
-
-    A signal handler rather than `except KeyboardInterrupt`: the step is never cut in half (a
-    half-applied optimizer step cannot be resumed), and every process stops at the same step. In a
-    single process a second Ctrl-C quits at once; under torchrun every process gets each Ctrl-C twice
-    (from the terminal and from torchrun), so there it only ever asks to stop."""
-
-    def __init__(self, procs: Processes):
-        self.procs, self.requested, self.previous = procs, False, None
-
-    def __enter__(self) -> "StopOnCtrlC":
-        if threading.current_thread() is threading.main_thread():  # signal handlers live there only
-            self.previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested and not self.procs.torchrun:
-            raise KeyboardInterrupt
-        if not self.requested and self.procs.rank == 0:
-            again = "" if self.procs.torchrun else " (Ctrl-C again quits without saving)"
-            print(f"\nCtrl-C: saving a checkpoint after this step{again}", flush=True)
-        self.requested = True
-
-
-# ---------------------------------------------------------------------------------------------------
-# The model: where it starts, and how several processes share it
 
 def initial_model(args: argparse.Namespace) -> tuple[GPT, dict]:
     """A new run's model (on the CPU) and its card: a random one of --preset, or --init's weights."""
     overrides = {"dropout": args.dropout} | ({"block_size": args.block_size} if args.block_size else {})
     if args.init == "random":
         _, card = load_model("random", preset=args.preset, device="meta")  # the preset's card; no weights
+        card = model_card(card)
+        if args.tokenizer:
+            card["tokenizer"] = tokenizer_card_name(args.tokenizer)
+            overrides["vocab_size"] = tokenizer_for(card).n_vocab
         torch.manual_seed(args.seed)
-        return GPT(get_config(args.preset, **overrides)), model_card(card)
+        return GPT(get_config(args.preset, **overrides)), card
     loaded, extra = load_model(args.init)
     if loaded.config.num_classes is not None:
         raise UserError(f"{args.init} is a classifier; pretraining needs a language model")
@@ -405,39 +330,6 @@ def initial_model(args: argparse.Namespace) -> tuple[GPT, dict]:
     if model.config.tie_embeddings:
         model.tie_weights()  # assign gave the head its own Parameter object; share the embedding's again
     return model, model_card(extra)
-
-
-def _recompute_in_backward(forward, *args, **kwargs):
-    if not torch.is_grad_enabled():  # evaluation and sampling keep nothing anyway
-        return forward(*args, **kwargs)
-    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
-
-
-def checkpoint_activations(gpt: GPT) -> None:
-    """--activation-checkpointing: each block keeps only its inputs for the backward pass and runs
-    its forward again there. The blocks' own forward is wrapped in place, so names and the state_dict
-    stay the same (and FSDP, applied afterwards, gathers the weights around the recomputation too)."""
-    for block in gpt.transformer.h:
-        block.forward = functools.partial(_recompute_in_backward, block.forward)
-
-
-def shard(gpt: GPT, device: torch.device, dtype: torch.dtype) -> GPT:
-    """FSDP2: one unit per block plus one for the rest (embeddings, final norm, head); each process
-    keeps 1/N of every weight, gradient and optimizer state and gathers a unit's weights only while it
-    runs. bfloat16 training computes with bfloat16 copies of the weights and reduces gradients in
-    float32 (the float32 weights, sharded, stay the optimizer's). The model is changed in place."""
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if dtype == torch.bfloat16 else MixedPrecisionPolicy()
-    mesh = dist.init_device_mesh(device.type, (dist.get_world_size(),))
-    for block in gpt.transformer.h:
-        fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(gpt, mesh=mesh, mp_policy=policy)
-    return gpt
-
-
-def local_bytes(tensors) -> int:
-    """Bytes this process holds of these tensors (its own shard of a sharded one)."""
-    return sum((t.to_local() if isinstance(t, DTensor) else t).nbytes for t in tensors)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -478,7 +370,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler:
 # Evaluation and samples
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, tokens: np.ndarray, *, batches: int, batch_size: int, block_size: int,
+def validation_loss(model: torch.nn.Module, tokens: np.ndarray, *, batches: int, batch_size: int, block_size: int,
              seed: int, ctx, procs: Processes, device: torch.device) -> float:
     """Mean loss over the same `batches` x `batch_size` windows every time, whatever the process count.
 
@@ -529,7 +421,8 @@ def sample_text(model: torch.nn.Module, tok, max_new_tokens: int, *, block_size:
 
 
 def progress_line(step: int, max_steps: int, record: dict) -> str:
-    """One fixed-width line: step, losses, lr, grad norm, ms/step, tokens/s, MFU (when known), memory, ETA."""
+    """One fixed-width line: step, losses, lr, grad norm, ms/step, tokens/s, MFU (when known), memory, ETA;
+    the validation loss at an evaluation."""
     line = f"step {step:>6}/{max_steps}"
     if record.get("train_loss") is not None:
         line += (f" | loss {record['train_loss']:7.4f} | lr {record['lr']:.2e} | norm {record['grad_norm']:7.3f}"
@@ -539,7 +432,9 @@ def progress_line(step: int, max_steps: int, record: dict) -> str:
         if record.get("peak_memory") is not None:
             line += f" | mem {record['peak_memory'] / 1e9:6.2f} GB"
         line += f" | eta {clock((max_steps - step) * record['ms_per_step'] / 1000)}"
-    return line + f" | val {record['val_loss']:7.4f} ppl {record['val_ppl']:9.2f}"
+    if "val_loss" in record:
+        line += f" | val {record['val_loss']:7.4f} ppl {record['val_ppl']:9.2f}"
+    return line
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -548,33 +443,30 @@ def progress_line(step: int, max_steps: int, record: dict) -> str:
 # One process (or DDP): ckpt.pt, the latest state for --resume, and best.pt, the weights of the best
 # validation loss; both are save_checkpoint files with the model card. FSDP: the folders ckpt.dcp and
 # best.dcp, written by torch.distributed.checkpoint, in which every process writes only its own
-# shards (no process ever holds the whole model), plus train_state.pt (step, flags, card, random
-# states) from rank 0. Such a folder loads into any number of processes (the shards are re-cut on
-# load), and --consolidate turns it into one save_checkpoint file.
+# shards (distributed.save_sharded). Such a folder loads into any number of processes (the shards are
+# re-cut on load), and --consolidate turns it into one save_checkpoint file.
 
-CKPT, BEST, METRICS = "ckpt.pt", "best.pt", "metrics.jsonl"
-SHARDED_CKPT, SHARDED_BEST, TRAIN_STATE = "ckpt.dcp", "best.dcp", "train_state.pt"
+CKPT, BEST, METRICS, LOSS_SVG = "ckpt.pt", "best.pt", "metrics.jsonl", "loss.svg"
+SHARDED_CKPT, SHARDED_BEST = "ckpt.dcp", "best.dcp"
 # Flags that would silently change a resumed run (its model, data, schedule or numerics). The rest may
 # change: --max-steps (a longer or shorter run; the schedule follows, with a note), --device, --compile,
 # --activation-checkpointing, the evaluation and saving intervals, and the process count when
 # --grad-accum x processes stays the same (draw_batch then draws the same windows).
-RESUME_MUST_MATCH = ("data", "errors", "init", "preset", "block_size", "dropout", "batch_size", "lr", "min_lr",
-                     "warmup_steps", "weight_decay", "grad_clip", "eval_batches", "seed", "dtype", "strategy")
+RESUME_MUST_MATCH = ("data", "errors", "init", "preset", "tokenizer", "block_size", "dropout", "batch_size", "lr",
+                     "min_lr", "warmup_steps", "weight_decay", "grad_clip", "eval_batches", "seed", "dtype", "strategy")
 
 
 def check_resume_flags(saved: dict, args: argparse.Namespace, procs: Processes, state_path: Path) -> None:
     """Refuse a --resume whose flags differ from the run's where that changes the run; say which."""
-    changed = [f"--{name.replace('_', '-')} {saved[name]} (now {getattr(args, name)})"
-               for name in RESUME_MUST_MATCH if name in saved and saved[name] != getattr(args, name)]
+    more = ()
     if "world_size" in saved and saved["grad_accum"] * saved["world_size"] != args.grad_accum * procs.world_size:
-        changed.append(f"--grad-accum {saved['grad_accum']} with {saved['world_size']} process(es) "
-                       f"(now {args.grad_accum} with {procs.world_size}; their product must stay the same)")
-    if changed:
-        weights = f"--init {state_path}" if state_path.suffix == ".pt" else \
-            f"--init {state_path.with_suffix('.pt')} after python pretrain.py --consolidate {state_path}"
-        raise UserError(f"--resume: the run in {state_path.parent} used {', '.join(changed)}; repeat the run's flags "
-                        f"to resume it, or start a new run from its weights in another --out-dir ({weights})")
-    if saved.get("max_steps", args.max_steps) != args.max_steps and procs.rank == 0:
+        more = (f"--grad-accum {saved['grad_accum']} with {saved['world_size']} process(es) "
+                f"(now {args.grad_accum} with {procs.world_size}; their product must stay the same)",)
+    weights = f"--init {state_path}" if state_path.suffix == ".pt" else \
+        f"--init {state_path.with_suffix('.pt')} after python pretrain.py --consolidate {state_path}"
+    refuse_changed_flags(saved, args, RESUME_MUST_MATCH, state_path.parent,
+                         f"start a new run from its weights in another --out-dir ({weights})", more)
+    if saved.get("max_steps", args.max_steps) != args.max_steps and procs.is_main:
         print(f"note: --max-steps changed from {saved['max_steps']} to {args.max_steps}: the learning rate's "
               f"cosine now ends at step {args.max_steps}", file=sys.stderr)
 
@@ -583,209 +475,50 @@ def run_args(args: argparse.Namespace, procs: Processes) -> dict:
     return vars(args) | {"world_size": procs.world_size}
 
 
-def gathered_rng(procs: Processes) -> list[dict]:
-    """Every process's random state (dropout masks), gathered on all of them."""
-    rng = {"torch": torch.get_rng_state(),
-           "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-    if not procs.distributed:
-        return [rng]
-    rngs = [None] * procs.world_size
-    dist.all_gather_object(rngs, rng)
-    return rngs
-
-
-def restore_rng(rngs: list[dict], procs: Processes) -> None:
-    if len(rngs) == procs.world_size:  # with another process count, dropout keeps its new seeds
-        rng = rngs[procs.rank]
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
-
-
-class TensorsOnlyReader(dcp.FileSystemReader):
-    """torch.distributed.checkpoint's reader, holding to the project's rule that loading a checkpoint
-    never unpickles arbitrary objects: the folder's .metadata (a pickle) is read with an unpickler that
-    knows only the checkpoint metadata's own classes, and every entry must be a tensor (DCP reads any
-    other entry by unpickling it whole)."""
-
-    ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
-               ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"), ("collections", "OrderedDict"),
-               ("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
-
-    class _Unpickler(pickle.Unpickler):
-        def find_class(self, module: str, name: str):
-            known = (module, name) in TensorsOnlyReader.ALLOWED or module == "torch.distributed.checkpoint.metadata"
-            value = super().find_class(module, name) if known or module == "torch" else None
-            if not known and not isinstance(value, torch.dtype):
-                raise pickle.UnpicklingError(f"{module}.{name} has no place in a checkpoint's metadata")
-            return value
-
-    def read_metadata(self, *args, **kwargs):
-        path = Path(self.path) / ".metadata"
-        try:
-            with open(path, "rb") as f:
-                metadata = self._Unpickler(f).load()
-        except FileNotFoundError:
-            raise UserError(f"{self.path} is not a sharded checkpoint (it has no .metadata file)") from None
-        except Exception as e:
-            raise UserError(f"{path} is not a readable checkpoint's metadata ({type(e).__name__})") from None
-        from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
-        if not isinstance(metadata, Metadata) or not all(
-                isinstance(entry, TensorStorageMetadata) for entry in metadata.state_dict_metadata.values()):
-            raise UserError(f"{self.path} holds entries other than tensors; this project does not load it")
-        for where in metadata.storage_data.values():  # every shard file there and long enough: no torn reads
-            shard = Path(self.path) / str(where.relative_path)
-            if not shard.is_file() or shard.stat().st_size < where.offset + where.length:
-                raise UserError(f"{self.path} is incomplete: {shard.name} is missing or cut short")
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
-
-
-def save_sharded(folder: Path, gpt: GPT, optimizer: torch.optim.Optimizer | None, procs: Processes,
-                 train_state: dict) -> None:
-    """Every process writes its shards of the model (and of the optimizer state) into folder; rank 0
-    adds train_state.pt. Written into folder.tmp first and renamed when complete, so a crash leaves
-    the previous checkpoint. Every process must call it."""
-    tmp = folder.with_name(folder.name + ".tmp")
-    if procs.rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-    dist.barrier()
-    state = {"model": get_model_state_dict(gpt)}
-    if optimizer is not None:
-        state["optimizer"] = get_optimizer_state_dict(gpt, optimizer)["state"]  # tensors only: see TensorsOnlyReader
-    dcp.save(state, checkpoint_id=tmp)
-    if procs.rank == 0:
-        atomic_write(tmp / TRAIN_STATE, _torch_bytes(train_state))
-        old = folder.with_name(folder.name + ".old")
-        if folder.exists():
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
-
-
-def _torch_bytes(obj) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getvalue()
-
-
-def read_train_state(folder: Path) -> dict:
-    """A sharded checkpoint's train_state.pt (step, flags, config, card), loaded with weights_only."""
-    path = folder / TRAIN_STATE
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"{folder} is not a checkpoint of this project (it has no {TRAIN_STATE})") from None
-    except Exception as e:
-        raise UserError(f"{path} is not readable ({type(e).__name__}); the checkpoint is damaged") from None
-
-
-def load_sharded(folder: Path, gpt: GPT, optimizer: torch.optim.Optimizer | None) -> None:
-    """Fill a sharded (or a lone process's) model, and the optimizer's state, from a sharded checkpoint
-    written with any number of processes."""
-    state = {"model": get_model_state_dict(gpt)}
-    full_optimizer_state = None
-    if optimizer is not None:
-        full_optimizer_state = get_optimizer_state_dict(gpt, optimizer)  # creates the state to load into
-        state["optimizer"] = full_optimizer_state["state"]
-    reader = TensorsOnlyReader(folder)
-    reader.read_metadata()  # checked here, so that a bad folder is one clear sentence, not DCP's per-rank report
-    try:
-        with warnings.catch_warnings():  # in one process without a group DCP warns that it assumes just that
-            warnings.filterwarnings("ignore", "torch.distributed is disabled")
-            dcp.load(state, storage_reader=reader, no_dist=not dist.is_initialized())
-    except Exception as e:
-        first_line = (str(e).strip().splitlines() or [""])[0][:200]
-        raise UserError(f"{folder} is not a readable checkpoint ({type(e).__name__}: {first_line})") from None
-    set_model_state_dict(gpt, state["model"])
-    if optimizer is not None:
-        set_optimizer_state_dict(gpt, optimizer, {**full_optimizer_state, "state": state["optimizer"]})
-
-
-def consolidate(folder: str | Path) -> dict:
-    """--consolidate: a sharded checkpoint folder -> the project's single-file checkpoint beside it
-    (FOLDER with .pt for .dcp), in one process, with the model card: load_model, generate.py, the
-    finetunes and load_gpt2.py --export then read it. The file holds the whole model, so it needs the
-    model's size in memory once."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"--consolidate: {folder} is not a folder; name an FSDP checkpoint such as "
-                        f"out/pretrain/best.dcp")
-    out = folder.with_suffix(".pt")
-    if out.exists():
-        raise UserError(f"{out} already exists; move it away first")
-    info = read_train_state(folder)
-    with torch.device("meta"):
-        gpt = GPT(GPTConfig(**info["config"]))
-    gpt.to_empty(device="cpu")
-    if gpt.config.tie_embeddings:
-        gpt.tie_weights()  # to_empty made the head's tensor a copy of the embedding's
-    load_sharded(folder, gpt, None)
-    extra = {k: info[k] for k in ("step", "val_loss", "args") if k in info}
-    writable_folder(out.parent, "--consolidate's folder")
-    save_checkpoint(out, gpt, **info["card"], **extra)
-    print(f"wrote {out}: {gpt.num_params() / 1e6:.1f}M parameters, step {info.get('step')}")
-    return {"checkpoint": str(out), "step": info.get("step")}
-
-
 # ---------------------------------------------------------------------------------------------------
-# The loop
+# The run: the model, its optimizer and its data, built (or restored) once
 
-def train(args: argparse.Namespace) -> tuple[GPT, dict]:
-    """Run (or continue) the training; return the trained model and what was measured.
-
-    Under FSDP the model returned is the sharded one (each process holds its shards)."""
-    procs, device = init_processes(args.device, args.strategy)
-    try:
-        if args.compile and (why := missing_compiler(device)):
-            raise UserError(why)
-        out_dir = writable_folder(args.out_dir)  # every process: under FSDP each writes its own shards there
-        with run_folder_lock(out_dir, procs):
-            return _train(args, procs, device, out_dir)
-    finally:
-        if procs.distributed:
-            dist.destroy_process_group()
-
-
-def build(args: argparse.Namespace, procs: Processes, device: torch.device, dtype: torch.dtype,
+def build(args: argparse.Namespace, procs: Processes, device: torch.device,
           resume: Path | None) -> tuple[GPT, torch.optim.Optimizer, dict, dict]:
-    """The model on its device (sharded under FSDP), its optimizer, the model card and, when resuming,
-    the saved training state (step, best_val_loss, rng), all restored."""
-    sharded = args.strategy == "fsdp"
-    if not sharded:
-        if resume is not None:
-            try:
-                gpt, state = local_leader_first(procs, lambda: load_checkpoint(resume))
-            except ValueError as e:
-                raise UserError(f"--resume: {e}") from None
-            if "optimizer" not in state:
-                raise UserError(f"--resume: {resume} holds no training state (written by another stage, or "
-                                f"consolidated from a sharded checkpoint?)")
-            check_resume_flags(state["args"], args, procs, resume)
-            card = model_card({"model_type": "gpt2", "tokenizer": "gpt2", **state})  # older runs were GPT-2's
-        else:
-            gpt, card = local_leader_first(procs, lambda: initial_model(args))
-            state = {}
-        if args.activation_checkpointing:
-            checkpoint_activations(gpt)
-        gpt.to(device)
-        optimizer = gpt.configure_optimizer(args.lr, args.weight_decay, device_type=device.type)
-        if state:
-            optimizer.load_state_dict(state["optimizer"])
-        return gpt, optimizer, card, state
+    """The model on its device, its optimizer, the model card and, when resuming, the saved training
+    state (step, best_val_loss, rng, scaler), with the weights and the optimizer's state restored."""
+    if resume is not None:
+        try:
+            gpt, state = local_leader_first(procs, lambda: load_checkpoint(resume))
+        except ValueError as e:
+            raise UserError(f"--resume: {e}") from None
+        if "optimizer" not in state:
+            raise UserError(f"--resume: {resume} holds no training state (written by another stage, or "
+                            f"consolidated from a sharded checkpoint?)")
+        if "model_type" not in state:
+            raise UserError(f"--resume: {resume} was written before checkpoints carried a model card; start a new "
+                            f"run from its weights in another --out-dir (--init {resume})")
+        check_resume_flags(state["args"], args, procs, resume)
+        card = model_card(state)
+    else:
+        gpt, card = local_leader_first(procs, lambda: initial_model(args))
+        state = {}
+    if args.activation_checkpointing:
+        checkpoint_activations(gpt)
+    gpt.to(device)
+    optimizer = gpt.configure_optimizer(args.lr, args.weight_decay, device_type=device.type)
+    if state:
+        optimizer.load_state_dict(state["optimizer"])
+    return gpt, optimizer, card, state
 
-    # FSDP: the model is built on the meta device (no memory) in every process, sharded, and only then
-    # given memory, its own shards only; the weights come from rank 0 (a new run) or the checkpoint.
+
+def build_sharded(args: argparse.Namespace, procs: Processes, device: torch.device, dtype: torch.dtype,
+                  resume: Path | None) -> tuple[GPT, torch.optim.Optimizer, dict, dict]:
+    """build() under FSDP: every process holds its own shards only (distributed.sharded_model); the
+    weights come from rank 0's model (a new run) or from the sharded checkpoint."""
+    full = None
     if resume is not None:
         state = read_train_state(resume)
         check_resume_flags(state["args"], args, procs, resume)
-        config, card, full = GPTConfig(**state["config"]), state["card"], None
+        config, card = GPTConfig(**state["config"]), state["card"]
     else:
-        state, full, config_and_card = {}, None, None
-        if procs.rank == 0:
+        state, config_and_card = {}, None
+        if procs.is_main:
             try:
                 full, card = initial_model(args)
                 config_and_card = (dataclasses.asdict(full.config), card)
@@ -795,24 +528,49 @@ def build(args: argparse.Namespace, procs: Processes, device: torch.device, dtyp
         if isinstance(config_and_card, str):
             raise UserError(config_and_card)
         config, card = GPTConfig(**config_and_card[0]), config_and_card[1]
-    with torch.device("meta"):
-        gpt = GPT(config)
-    if args.activation_checkpointing:
-        checkpoint_activations(gpt)
-    shard(gpt, device, dtype)
-    gpt.to_empty(device=device)
+    gpt = sharded_model(config, device, dtype, args.activation_checkpointing)
     optimizer = gpt.configure_optimizer(args.lr, args.weight_decay, device_type=device.type)
     if resume is not None:
         load_sharded(resume, gpt, optimizer)
     else:
-        set_model_state_dict(gpt, full.state_dict() if full is not None else {},
-                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-        del full
+        broadcast_weights(gpt, full)
     return gpt, optimizer, card, state
 
 
-def _train(args: argparse.Namespace, procs: Processes, device: torch.device, out_dir: Path) -> tuple[GPT, dict]:
-    master = procs.rank == 0
+@dataclasses.dataclass
+class Run:
+    """Everything the training loop works with, made once by start_run. The loop itself changes only
+    `step` and `best_val_loss`, and a checkpoint saves those with the weights."""
+    args: argparse.Namespace
+    procs: Processes
+    device: torch.device
+    dtype: torch.dtype  # the forward passes' precision
+    ctx: Any  # autocast(device, dtype)
+    gpt: GPT  # the model itself (each process's shards under FSDP): what is saved
+    compiled: torch.nn.Module  # gpt, or torch.compile(gpt): evaluation and samples
+    model: torch.nn.Module  # compiled, wrapped in DDP with several processes: the training steps
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler  # enabled under float16 only
+    card: dict  # the model card (family, tokenizer), saved with every checkpoint
+    tok: Any  # the card's tokenizer, for the samples
+    block_size: int
+    train_tokens: np.ndarray
+    val_tokens: np.ndarray
+    state_path: Path  # the latest state, for --resume (ckpt.pt or ckpt.dcp)
+    best_path: Path  # the weights of the best validation loss (best.pt or best.dcp)
+    tokens_per_step: int  # the whole batch of one optimizer step, over all processes
+    step: int = 0
+    best_val_loss: float = math.inf
+    records: list[dict] = dataclasses.field(default_factory=list)  # metrics.jsonl's, for loss.svg (main process)
+
+    @property
+    def sharded(self) -> bool:
+        return self.args.strategy == "fsdp"
+
+
+def check_out_dir(args: argparse.Namespace, out_dir: Path, is_main: bool) -> tuple[Path, Path]:
+    """(state_path, best_path) of the run in out_dir, after checking that --resume finds a run there and
+    that a new run does not write over one (--force: the main process removes the old run's files)."""
     sharded = args.strategy == "fsdp"
     state_path = out_dir / (SHARDED_CKPT if sharded else CKPT)
     best_path = out_dir / (SHARDED_BEST if sharded else BEST)
@@ -825,17 +583,28 @@ def _train(args: argparse.Namespace, procs: Processes, device: torch.device, out
         left = f" (it holds {', '.join(existing)} of a run that stopped before its first checkpoint; delete " \
                f"them or pick another --out-dir)" if existing else "; start the run without --resume"
         raise UserError(f"--resume: {state_path} does not exist{left}")
-    if not args.resume and existing:
-        raise UserError(f"{out_dir} already holds a run ({existing[0]}); add --resume to continue it, or pick "
-                        f"another --out-dir")
+    if not args.resume and existing and not args.force:
+        raise UserError(f"{out_dir} already holds a run ({existing[0]}); add --resume to continue it, --force to "
+                        f"replace it, or pick another --out-dir")
+    if args.force and existing and is_main:
+        for name in (CKPT, SHARDED_CKPT, BEST, SHARDED_BEST, METRICS, LOSS_SVG):
+            path = out_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        print(f"note: --force: removed the earlier run's {', '.join(existing)} from {out_dir}", file=sys.stderr)
+    return state_path, best_path
+
+
+def start_run(args: argparse.Namespace, procs: Processes, device: torch.device, out_dir: Path) -> Run:
+    """The model, optimizer and data of a new run, or of the saved one under --resume."""
+    state_path, best_path = check_out_dir(args, out_dir, procs.is_main)
     dtype = resolve_dtype(args.dtype, device)
-    ctx = autocast(device, dtype)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls (outside autocast) on tensor cores
         torch.backends.cudnn.allow_tf32 = True
         torch.cuda.reset_peak_memory_stats(device)
-
-    gpt, optimizer, card, state = build(args, procs, device, dtype, state_path if args.resume else None)
+    resume = state_path if args.resume else None
+    gpt, optimizer, card, state = build_sharded(args, procs, device, dtype, resume) if args.strategy == "fsdp" \
+        else build(args, procs, device, resume)
     tok = tokenizer_for(card)  # the run's own tokenizer, kept by --resume through the saved card
     block_size = args.block_size or gpt.config.block_size
     data = local_leader_first(procs, lambda: token_folder(args.data, card["tokenizer"], args.errors))
@@ -843,138 +612,231 @@ def _train(args: argparse.Namespace, procs: Processes, device: torch.device, out
 
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     torch.manual_seed(args.seed + procs.rank)  # different dropout masks in each process
-    step, best_val_loss = 0, math.inf
     if state:
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         restore_rng(state["rng"], procs)
-        step, best_val_loss = state["step"], state["best_val_loss"]
     compiled = torch.compile(gpt) if args.compile else gpt
     model = compiled
-    if procs.distributed and not sharded:
+    if procs.distributed and args.strategy == "ddp":
         model = DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None,
                     gradient_as_bucket_view=True)  # gradients live in DDP's buckets: no second copy
+    run = Run(args, procs, device, dtype, autocast(device, dtype), gpt, compiled, model, optimizer, scaler, card, tok,
+              block_size, train_tokens, val_tokens, state_path, best_path,
+              tokens_per_step=args.batch_size * block_size * args.grad_accum * procs.world_size,
+              step=state.get("step", 0), best_val_loss=state.get("best_val_loss", math.inf))
+    if procs.is_main:
+        run.records = read_records(out_dir / METRICS) if args.resume else []
+        describe_run(run, data)
+    return run
 
-    tokens_per_step = args.batch_size * block_size * args.grad_accum * procs.world_size
-    flops_per_step = gpt.flops_per_token(block_size) * tokens_per_step
-    peak = peak_flops(device, dtype)
-    if master:
-        print(f"{gpt.num_params() / 1e6:.1f}M parameters ({card['model_type']}), context {block_size}, "
-              f"{tokens_per_step:,} tokens per step ({procs.world_size} process(es) x {args.grad_accum} micro-steps x "
-              f"{args.batch_size} x {block_size}), {len(train_tokens):,} training tokens in {data}, {device} "
-              f"{str(dtype).removeprefix('torch.')}" + (", fsdp" if sharded else "")
-              + (", activation checkpointing" if args.activation_checkpointing else ""))
-        if state:
-            print(f"resuming {state_path} at step {step}")
 
-    def train_state() -> dict:
-        return {"step": step, "best_val_loss": best_val_loss, "args": run_args(args, procs), "card": card,
-                "config": dataclasses.asdict(gpt.config), "rng": gathered_rng(procs)}
+def read_records(path: Path) -> list[dict]:
+    """metrics.jsonl's records; a line cut short by a killed run is left out."""
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            pass
+    return records
 
-    def save_best(val_loss: float) -> None:
-        if sharded:
-            save_sharded(best_path, gpt, None, procs, {**train_state(), "val_loss": val_loss})
-        elif master:
-            save_checkpoint(best_path, gpt, step=step, val_loss=val_loss, args=run_args(args, procs), **card)
 
-    def save() -> None:
-        if sharded:
-            save_sharded(state_path, gpt, optimizer, procs, train_state())
-            return
-        everything = train_state()  # every process takes part (its random state)
-        if master:
-            save_checkpoint(state_path, gpt, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                            **{k: everything[k] for k in ("step", "best_val_loss", "args", "rng")}, **card)
+def describe_run(run: Run, data: Path) -> None:
+    """The run's first lines: model, batch, data and device, and what the progress lines' columns mean."""
+    args, procs, gpt = run.args, run.procs, run.gpt
+    print(f"{gpt.num_params() / 1e6:.1f}M parameters ({run.card['model_type']}), context {run.block_size}, "
+          f"{run.tokens_per_step:,} tokens per step ({procs.world_size} process(es) x {args.grad_accum} "
+          f"micro-steps x {args.batch_size} x {run.block_size}), {len(run.train_tokens):,} training tokens in "
+          f"{data}, {run.device} {str(run.dtype).removeprefix('torch.')}" + (", fsdp" if run.sharded else "")
+          + (", activation checkpointing" if args.activation_checkpointing else ""))
+    print(f"progress lines: loss is the mean training loss over the steps since the last evaluation; val is the "
+          f"loss on the same {args.eval_batches} x {args.batch_size} validation windows at every evaluation")
+    if warmup_steps(args) != args.warmup_steps:
+        print(f"note: --warmup-steps {args.warmup_steps} is not shorter than --max-steps {args.max_steps}, so the "
+              f"learning rate would never decay; this run warms up for {warmup_steps(args)} steps", file=sys.stderr)
+    if args.resume:
+        print(f"resuming {run.state_path} at step {run.step}")
 
-    def evaluate_and_log(extra: dict) -> dict:
-        nonlocal best_val_loss
-        val_loss = evaluate(compiled, val_tokens, batches=args.eval_batches, batch_size=args.batch_size,
-                            block_size=block_size, seed=args.seed, ctx=ctx, procs=procs, device=device)
-        record = {"step": step, **extra, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)),
-                  "tokens_seen": step * tokens_per_step}
-        if args.sample_tokens and (sharded or master):  # under FSDP every process takes part in sampling
-            record["sample"] = sample_text(compiled, tok, args.sample_tokens, block_size=block_size,
-                                           seed=args.seed, ctx=ctx, device=device)
-        if master:
-            print(progress_line(step, args.max_steps, record), flush=True)
-            if "sample" in record:
-                print("    " + record["sample"].replace("\n", "\n    "), flush=True)
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
-        if val_loss < best_val_loss:
-            save_best(val_loss)
-        best_val_loss = min(best_val_loss, val_loss)
-        return record
 
-    train_losses, last_record, interrupted = [], {}, False
-    first_step, total_time = step, 0.0
-    interval_steps, interval_time, interval_loss = 0, 0.0, 0.0  # since the last evaluation
-    with StopOnCtrlC(procs) as ctrl_c, \
-            open(out_dir / METRICS, "a" if args.resume else "w") if master else nullcontext() as metrics_file:
-        if step == 0:
-            last_record = evaluate_and_log({})  # the untrained baseline the samples improve on
-        while step < args.max_steps and not interrupted:
-            start = time.perf_counter()
-            lr = get_lr(step, lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps,
-                        max_steps=args.max_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            x, y = draw_batch(train_tokens, args.batch_size, block_size, grad_accum=args.grad_accum,
-                              world_size=procs.world_size, rank=procs.rank, seed=args.seed,
-                              step=step)  # (accum, B, T) each
-            if device.type == "cuda":
-                x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-            else:
-                x, y = x.to(device), y.to(device)
-            loss, norm = train_step(model, optimizer, scaler, x, y, grad_clip=args.grad_clip, ctx=ctx)
-            # One all-reduce per step gives every process the global loss and whether anyone saw Ctrl-C,
-            # so they all stop together.
-            shared = torch.stack([loss.float(), torch.tensor(float(ctrl_c.requested), device=device)])
-            if procs.distributed:
-                dist.all_reduce(shared)
-            loss_value, interrupted = shared[0].item() / procs.world_size, shared[1].item() > 0
-            norm_value = norm.item()
-            if not math.isfinite(loss_value) or (not scaler.is_enabled() and not math.isfinite(norm_value)):
-                kept = (f"{state_path} still holds the last good state" if state_path.exists()
-                        else "no checkpoint was written")
-                raise UserError(f"the loss became {loss_value} (gradient norm {norm_value}) at step {step + 1}, so "
-                                f"training stopped; {kept} (try a lower --lr or --grad-clip)")
-            step += 1
-            step_time = time.perf_counter() - start
-            train_losses.append(loss_value)
-            interval_steps, interval_time, interval_loss = (interval_steps + 1, interval_time + step_time,
-                                                            interval_loss + loss_value)
-            total_time += step_time
+# ---------------------------------------------------------------------------------------------------
+# Saving and logging, at the loop's intervals
 
-            if step % args.eval_every == 0 or step == args.max_steps:
-                seconds = interval_time / interval_steps
-                last_record = evaluate_and_log({
-                    "train_loss": interval_loss / interval_steps, "lr": lr, "grad_norm": norm_value,
-                    "ms_per_step": 1000 * seconds, "tokens_per_s": tokens_per_step / seconds,
-                    "mfu": flops_per_step / seconds / (peak * procs.world_size) if peak else None,
-                    "peak_memory": peak_memory(device)})
-                interval_steps, interval_time, interval_loss = 0, 0.0, 0.0
-            if step == args.max_steps or interrupted or (args.save_every and step % args.save_every == 0):
-                save()
-    if master:
-        saved = f"{state_path} and {best_path}"
-        if interrupted:
-            print(f"interrupted at step {step}; saved {state_path}; continue with the same command plus --resume")
-        elif step == first_step:
-            print(f"no steps to run: the run is at step {step} of --max-steps {args.max_steps}")
-        else:
-            print(f"done: step {step}, best validation loss {best_val_loss:.4f}; saved {saved}"
-                  + (f" (one file each: python pretrain.py --consolidate {best_path})" if sharded else ""))
-    steps_run = step - first_step
-    tokens_per_s = steps_run * tokens_per_step / total_time if total_time else None
-    mfu = tokens_per_s * flops_per_step / tokens_per_step / (peak * procs.world_size) if peak and tokens_per_s else None
-    optimizer_tensors = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
-    return gpt, {
-        "step": step, "train_losses": train_losses, "train_loss": train_losses[-1] if train_losses else None,
-        "val_loss": last_record.get("val_loss"), "best_val_loss": best_val_loss, "tokens_per_s": tokens_per_s,
-        "mfu": mfu, "interrupted": interrupted, "checkpoint": str(state_path), "strategy": args.strategy,
-        "peak_memory": peak_memory(device), "param_bytes": local_bytes(gpt.parameters()),
-        "optimizer_bytes": local_bytes(optimizer_tensors)}
+def train_state(run: Run) -> dict:
+    """What --resume needs besides the weights and the optimizer. Every process must call it (each
+    gives its random state)."""
+    return {"step": run.step, "best_val_loss": run.best_val_loss, "args": run_args(run.args, run.procs),
+            "card": run.card, "config": dataclasses.asdict(run.gpt.config), "rng": gathered_rng(run.procs)}
+
+
+def save_latest(run: Run) -> None:
+    """ckpt.pt (or ckpt.dcp): the weights, the optimizer and everything --resume needs."""
+    if run.sharded:
+        save_sharded(run.state_path, run.gpt, run.optimizer, run.procs, train_state(run))
+        return
+    state = train_state(run)  # every process takes part (its random state)
+    if run.procs.is_main:
+        kept = {k: state[k] for k in ("step", "best_val_loss", "args", "rng")}
+        save_checkpoint(run.state_path, run.gpt, optimizer=run.optimizer.state_dict(),
+                        scaler=run.scaler.state_dict(), **kept, **run.card)
+
+
+def save_best(run: Run, val_loss: float) -> None:
+    """best.pt (or best.dcp): the weights of the best validation loss so far, with the model card."""
+    if run.sharded:
+        save_sharded(run.best_path, run.gpt, None, run.procs, {**train_state(run), "val_loss": val_loss})
+    elif run.procs.is_main:
+        save_checkpoint(run.best_path, run.gpt, step=run.step, val_loss=val_loss,
+                        args=run_args(run.args, run.procs), **run.card)
+
+
+def log_evaluation(run: Run, metrics_file, training: dict) -> dict:
+    """Validation loss (and a sample) at run.step: one progress line, one metrics.jsonl record (with
+    `training`, the averages since the last evaluation), loss.svg redrawn, and best.pt when the loss is
+    the best yet."""
+    args = run.args
+    val_loss = validation_loss(run.compiled, run.val_tokens, batches=args.eval_batches, batch_size=args.batch_size,
+                               block_size=run.block_size, seed=args.seed, ctx=run.ctx, procs=run.procs,
+                               device=run.device)
+    record = {"step": run.step, **training, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)),
+              "tokens_seen": run.step * run.tokens_per_step}
+    if args.sample_tokens and (run.sharded or run.procs.is_main):  # under FSDP every process takes part
+        record["sample"] = sample_text(run.compiled, run.tok, args.sample_tokens, block_size=run.block_size,
+                                       seed=args.seed, ctx=run.ctx, device=run.device)
+    if run.procs.is_main:
+        print(progress_line(run.step, args.max_steps, record), flush=True)
+        if "sample" in record:
+            print("    " + record["sample"].replace("\n", "\n    "), flush=True)
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
+        run.records.append(record)
+        write_loss_svg(run.state_path.parent / LOSS_SVG, run.records,
+                       title=f"pretrain.py: {run.card['model_type']}, {run.gpt.num_params() / 1e6:.1f}M parameters")
+    if val_loss < run.best_val_loss:
+        save_best(run, val_loss)
+    run.best_val_loss = min(run.best_val_loss, val_loss)
+    return record
+
+
+@dataclasses.dataclass
+class Interval:
+    """The training steps since the last evaluation, which its progress line and record average."""
+    steps: int = 0
+    seconds: float = 0.0
+    loss: float = 0.0
+
+    def add(self, loss: float, seconds: float) -> None:
+        self.steps, self.seconds, self.loss = self.steps + 1, self.seconds + seconds, self.loss + loss
+
+    def record(self, run: Run, lr: float, grad_norm: float) -> dict:
+        """The averages of a progress line and a metrics record; lr and grad_norm of the last step."""
+        tokens_per_s = run.tokens_per_step * self.steps / self.seconds
+        return {"train_loss": self.loss / self.steps, "lr": lr, "grad_norm": grad_norm,
+                "ms_per_step": 1000 * self.seconds / self.steps, "tokens_per_s": tokens_per_s,
+                "mfu": model_flops_utilization(run, tokens_per_s), "peak_memory": peak_memory(run.device)}
+
+
+def model_flops_utilization(run: Run, tokens_per_s: float | None) -> float | None:
+    """The share of the devices' peak FLOP/s that training at tokens_per_s uses (known GPUs only)."""
+    peak = peak_flops(run.device, run.dtype)
+    if not peak or not tokens_per_s:
+        return None
+    return tokens_per_s * run.gpt.flops_per_token(run.block_size) / (peak * run.procs.world_size)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The loop
+
+def optimizer_step(run: Run, ctrl_c: StopOnCtrlC) -> tuple[float, float, float, bool]:
+    """One optimizer step of the whole batch at run.step's learning rate, then run.step + 1.
+
+    Returns (loss, gradient norm, learning rate, whether any process saw Ctrl-C). A loss or norm that
+    is not finite stops the run with the last good checkpoint kept."""
+    args, procs, device = run.args, run.procs, run.device
+    lr = get_lr(run.step, lr=args.lr, min_lr=args.min_lr, warmup_steps=warmup_steps(args), max_steps=args.max_steps)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    x, y = draw_batch(run.train_tokens, args.batch_size, run.block_size, grad_accum=args.grad_accum,
+                      world_size=procs.world_size, rank=procs.rank, seed=args.seed, step=run.step)  # (accum, B, T)
+    if device.type == "cuda":
+        x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    else:
+        x, y = x.to(device), y.to(device)
+    loss, norm = train_step(run.model, run.optimizer, run.scaler, x, y, grad_clip=args.grad_clip, ctx=run.ctx)
+    # One all-reduce per step gives every process the global loss and whether anyone saw Ctrl-C, so
+    # they all stop together.
+    shared = torch.stack([loss.float(), torch.tensor(float(ctrl_c.requested), device=device)])
+    if procs.distributed:
+        dist.all_reduce(shared)
+    loss_value, interrupted, norm_value = shared[0].item() / procs.world_size, shared[1].item() > 0, norm.item()
+    if not math.isfinite(loss_value) or (not run.scaler.is_enabled() and not math.isfinite(norm_value)):
+        kept = f"{run.state_path} still holds the last good state" if run.state_path.exists() \
+            else "no checkpoint was written"
+        raise UserError(f"the loss became {loss_value} (gradient norm {norm_value}) at step {run.step + 1}, so "
+                        f"training stopped; {kept} (try a lower --lr or --grad-clip)")
+    run.step += 1
+    return loss_value, norm_value, lr, interrupted
+
+
+def train(args: argparse.Namespace) -> tuple[GPT, dict]:
+    """Run (or continue) the training; return the trained model and what was measured.
+
+    Under FSDP the model returned is the sharded one (each process holds its shards)."""
+    with processes(args.device, args.strategy) as (procs, device):
+        if args.compile and (why := missing_compiler(device)):
+            raise UserError(why)
+        out_dir = writable_folder(args.out_dir)  # every process: under FSDP each writes its own shards there
+        with run_folder_lock(out_dir, procs):
+            run = start_run(args, procs, device, out_dir)
+            first_step, losses, last_record, interrupted = run.step, [], {}, False
+            since_eval, total = Interval(), Interval()
+            with StopOnCtrlC(procs) as ctrl_c, \
+                    open(out_dir / METRICS, "a" if args.resume else "w") if procs.is_main else nullcontext() as metrics:
+                if run.step == 0:
+                    last_record = log_evaluation(run, metrics, {})  # the untrained baseline the samples improve on
+                while run.step < args.max_steps and not interrupted:
+                    start = time.perf_counter()
+                    loss, norm, lr, interrupted = optimizer_step(run, ctrl_c)
+                    seconds = time.perf_counter() - start
+                    losses.append(loss)
+                    since_eval.add(loss, seconds)
+                    total.add(loss, seconds)
+                    if run.step % args.eval_every == 0 or run.step == args.max_steps:
+                        last_record = log_evaluation(run, metrics, since_eval.record(run, lr, norm))
+                        since_eval = Interval()
+                    elif args.log_every and run.step % args.log_every == 0 and procs.is_main:
+                        print(progress_line(run.step, args.max_steps, since_eval.record(run, lr, norm)), flush=True)
+                    if run.step == args.max_steps or interrupted or (args.save_every
+                                                                     and run.step % args.save_every == 0):
+                        save_latest(run)
+            report_end(run, first_step, interrupted)
+            return run.gpt, results(run, losses, last_record, total, interrupted)
+
+
+def report_end(run: Run, first_step: int, interrupted: bool) -> None:
+    """The run's last line: how it ended and where its checkpoints are."""
+    if not run.procs.is_main:
+        return
+    if interrupted:
+        print(f"interrupted at step {run.step}; saved {run.state_path}; continue with the same command plus --resume")
+    elif run.step == first_step:
+        print(f"no steps to run: the run is at step {run.step} of --max-steps {run.args.max_steps}")
+    else:
+        print(f"done: step {run.step}, best validation loss {run.best_val_loss:.4f}; saved {run.state_path} and "
+              f"{run.best_path}" + (f" (one file each: python pretrain.py --consolidate {run.best_path})"
+                                    if run.sharded else ""))
+
+
+def results(run: Run, losses: list[float], last_record: dict, total: Interval, interrupted: bool) -> dict:
+    """What main() returns: the losses, speed and memory of this invocation's steps."""
+    tokens_per_s = run.tokens_per_step * total.steps / total.seconds if total.seconds else None
+    optimizer_tensors = [t for s in run.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+    return {"step": run.step, "train_losses": losses, "train_loss": losses[-1] if losses else None,
+            "val_loss": last_record.get("val_loss"), "best_val_loss": run.best_val_loss,
+            "tokens_per_s": tokens_per_s, "mfu": model_flops_utilization(run, tokens_per_s),
+            "interrupted": interrupted, "checkpoint": str(run.state_path), "strategy": run.args.strategy,
+            "peak_memory": peak_memory(run.device), "param_bytes": local_bytes(run.gpt.parameters()),
+            "optimizer_bytes": local_bytes(optimizer_tensors)}
 
 
 def main(args: argparse.Namespace) -> dict:

@@ -17,10 +17,13 @@ import torch
 import torch.multiprocessing as mp
 
 import common
+import corpus
+import distributed
 import pretrain
 import tokenizer
 from load_gpt2 import export_hf, load_model
 from model import GPT, get_config, load_checkpoint
+
 
 
 
@@ -216,12 +219,12 @@ def test_two_gloo_processes_ddp_and_fsdp_agree_with_one_process(verdict_tokens, 
     assert resumed["val_loss"] == pytest.approx(fsdp_run["val_loss"], rel=1e-5)
 
     # The sharded best weights as one file: the model FSDP evaluated, readable by every stage.
-    pretrain.consolidate(tmp_path / "fsdp" / "best.dcp")
+    distributed.consolidate(tmp_path / "fsdp" / "best.dcp")
     best, extra = load_model(str(tmp_path / "fsdp" / "best.pt"))
     assert extra["model_type"] == "gpt2" and extra["step"] == 4
     val_tokens = pretrain.load_splits(verdict_tokens, 32, 50257, tokenizer.get_tokenizer(), "gpt2")[1]
-    val = pretrain.evaluate(best, val_tokens, batches=3, batch_size=4, block_size=32, seed=1337, ctx=nullcontext(),
-                            procs=pretrain.Processes(), device=torch.device("cpu"))
+    val = pretrain.validation_loss(best, val_tokens, batches=3, batch_size=4, block_size=32, seed=1337, ctx=nullcontext(),
+                            procs=distributed.Processes(), device=torch.device("cpu"))
     assert val == pytest.approx(fsdp_run["best_val_loss"], rel=1e-6) == extra["val_loss"]
     exported, _ = load_model(str(export_hf(best, tmp_path / "hf", extra)))
     x = torch.randint(0, 50257, (1, 8))
@@ -370,13 +373,13 @@ def test_a_sharded_checkpoint_is_read_without_unpickling_anything_but_its_metada
     (folder / ".metadata").write_bytes(pickle.dumps(RunsCode(marker)))
     torch.save({"config": {}, "card": {}}, folder / "train_state.pt")
     with pytest.raises(common.UserError, match="not a readable checkpoint's metadata"):
-        pretrain.load_sharded(folder, GPT(get_config("tiny")), None)
+        distributed.load_sharded(folder, GPT(get_config("tiny")), None)
     assert not marker.exists()
     (folder / "train_state.pt").write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(common.UserError, match="damaged"):
-        pretrain.read_train_state(folder)
+        distributed.read_train_state(folder)
     with pytest.raises(common.UserError, match="not a folder"):
-        pretrain.consolidate(tmp_path / "nothing.dcp")
+        distributed.consolidate(tmp_path / "nothing.dcp")
 
 
 class OtherTokenizer:
@@ -509,3 +512,98 @@ def test_mistral_tiny_trains_with_its_own_tokenizer_from_random_and_from_a_hub_f
     state = torch.load(tmp_path / "hub_run" / "ckpt.pt", weights_only=True)
     assert state["model_type"] == "mistral" and Path(state["tokenizer"]) == hub.resolve()
     assert math.isfinite(again["val_loss"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# A learner's first hour: --force, progress between evaluations, short runs, own tokenizers, loss.svg
+
+def test_force_replaces_a_finished_run_and_refuses_to_go_with_resume(verdict_tokens, tmp_path, capsys):
+    pretrain.train(tiny_args(verdict_tokens, tmp_path, "--max-steps", "3", "--sample-tokens", "0"))
+    with pytest.raises(common.UserError, match="--force to replace it"):
+        pretrain.train(tiny_args(verdict_tokens, tmp_path, "--max-steps", "2"))
+    with pytest.raises(common.UserError, match="choose one"):
+        tiny_args(verdict_tokens, tmp_path, "--force", "--resume")
+    capsys.readouterr()
+    pretrain.train(tiny_args(verdict_tokens, tmp_path, "--max-steps", "2", "--eval-every", "1", "--force",
+                             "--sample-tokens", "0"))
+    assert "removed the earlier run's ckpt.pt" in capsys.readouterr().err
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1, 2]  # the new run's alone
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 2
+    assert load_checkpoint(tmp_path / "best.pt")[1]["step"] <= 2
+
+
+def test_progress_lines_between_evaluations_and_a_run_shorter_than_its_warmup(verdict_tokens, tmp_path, capsys):
+    """--log-every 1 prints a training line at each step between the evaluations (at 0 and 4), and a
+    run of 4 steps with --warmup-steps 20 warms up for a tenth of itself, so its learning rate decays."""
+    args = tiny_args(verdict_tokens, tmp_path, "--max-steps", "4", "--warmup-steps", "20", "--eval-every", "4",
+                     "--log-every", "1", "--sample-tokens", "0")
+    pretrain.train(args)
+    out, err = capsys.readouterr()
+    lines = [line for line in out.splitlines() if line.startswith("step")]
+    assert len(lines) == 5 and all("val" not in line for line in lines[1:4]) and "val" in lines[4]
+    assert "mean training loss over the steps since the last evaluation" in out
+    assert "--warmup-steps 20 is not shorter than --max-steps 4" in err and pretrain.warmup_steps(args) == 0
+    lrs = [float(line.split("| lr ")[1].split()[0]) for line in lines[1:]]
+    assert lrs[0] == args.lr and lrs == sorted(lrs, reverse=True) and lrs[-1] < args.lr
+
+
+def test_a_self_trained_tokenizer_pretrains_a_model_that_later_stages_read_with_it(tmp_path, offline_cache):
+    """tokenizer.py train -> prepare with it -> pretrain.py --tokenizer on that folder: the model's
+    vocabulary is the tokenizer's, and the checkpoint's card names the file, so tokenizer_for finds it."""
+    text = offline_cache / "text" / "the-verdict.txt"
+    bpe = tmp_path / "bpe.json"
+    tokenizer.BPETokenizer().train(text.read_text(encoding="utf-8"), 300).save(bpe)
+    folder = tmp_path / "tok-bpe"
+    corpus.prepare_corpus(text, folder, tokenizer=tokenizer.load_tokenizer(bpe), tokenizer_name=str(bpe.resolve()))
+    args = pretrain.parse_args(["--data", str(folder), "--tokenizer", str(bpe), "--preset", "tiny", "--block-size",
+                                "32", "--batch-size", "2", "--max-steps", "2", "--eval-every", "2", "--eval-batches",
+                                "1", "--sample-tokens", "4", "--device", "cpu", "--out-dir", str(tmp_path / "run")])
+    model, metrics = pretrain.train(args)
+    assert model.config.vocab_size == 300 and math.isfinite(metrics["val_loss"])
+    best, card = load_model(str(tmp_path / "run" / "best.pt"))
+    assert card["tokenizer"] == str(bpe.resolve()) and best.config.vocab_size == 300
+    from load_gpt2 import tokenizer_for
+    assert tokenizer_for(card).encode_ordinary("the picture") == tokenizer.load_tokenizer(bpe).encode_ordinary(
+        "the picture")
+    with pytest.raises(common.UserError, match="only applies to --init random"):
+        pretrain.parse_args(["--init", "gpt2", "--tokenizer", str(bpe)])
+    with pytest.raises(common.UserError, match="tokenizer.py train"):
+        pretrain.train(pretrain.parse_args(["--tokenizer", str(tmp_path / "none.json"), "--preset", "tiny",
+                                            "--device", "cpu", "--out-dir", str(tmp_path / "none")]))
+
+
+def test_loss_svg_holds_one_point_per_evaluation_and_grows_on_resume(verdict_tokens, tmp_path):
+    import xml.etree.ElementTree as ET
+
+    def points(key: str) -> int:
+        root = ET.parse(tmp_path / "loss.svg").getroot()
+        series = root.find(f"{{http://www.w3.org/2000/svg}}g[@data-key='{key}']")
+        return len(series.findall("{http://www.w3.org/2000/svg}circle"))
+
+    pretrain.train(tiny_args(verdict_tokens, tmp_path, "--max-steps", "4", "--eval-every", "2", "--sample-tokens", "0"))
+    assert (points("val_loss"), points("train_loss")) == (3, 2)  # steps 0, 2, 4; no training loss at step 0
+    pretrain.train(tiny_args(verdict_tokens, tmp_path, "--max-steps", "6", "--eval-every", "2", "--sample-tokens", "0",
+                             "--resume"))
+    assert (points("val_loss"), points("train_loss")) == (4, 3)
+    assert "tokens seen" in (tmp_path / "loss.svg").read_text()
+
+
+def test_files_from_before_model_cards_and_tokenizer_names_are_refused_with_what_to_do(verdict_tokens, tmp_path):
+    """No shims for the project's older files: a ckpt.pt without a model card, and a token folder whose
+    meta.json names no tokenizer, each stop with one sentence that says what to do."""
+    pretrain.train(tiny_args(verdict_tokens, tmp_path, "--max-steps", "1", "--sample-tokens", "0"))
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    del state["model_type"], state["tokenizer"]
+    torch.save(state, tmp_path / "ckpt.pt")
+    with pytest.raises(common.UserError, match="before checkpoints carried a model card.*--init"):
+        pretrain.train(tiny_args(verdict_tokens, tmp_path, "--resume", "--max-steps", "2"))
+    old = tmp_path / "old-tokens"
+    old.mkdir()
+    for name in ("train.bin", "val.bin"):
+        (old / name).write_bytes((verdict_tokens / name).read_bytes())
+    meta = json.loads((verdict_tokens / "meta.json").read_text())
+    del meta["tokenizer_name"]
+    (old / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(common.UserError, match="does not name the tokenizer.*tokenizer.py prepare"):
+        pretrain.train(tiny_args(old, tmp_path / "new"))

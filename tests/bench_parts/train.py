@@ -39,6 +39,7 @@ sys.path.insert(0, str(REPO))
 import planner
 from model import GPT, autocast, get_config
 from tokenizer import UserError
+import distributed  # noqa: E402
 import pretrain  # noqa: E402
 
 CASES = ("small", "gpt2", "ddp", "plan", "gpu")
@@ -207,11 +208,11 @@ def plan_rows(data: Path, tmp: Path) -> list[dict]:
 def fsdp_gpu_rows(args: argparse.Namespace) -> list[dict]:
     """FSDP on one GPU: the shallowest Mistral-7B-shaped model that plain training cannot fit by the plan
     (16 bytes per weight for weights, gradients and AdamW, plus autocast's bf16 copy of every weight),
-    trained a few steps with pretrain.py's own pieces (shard, checkpoint_activations, train_step), one
+    trained a few steps with pretrain.py's own pieces (distributed.sharded_model, train_step), one
     sequence of --train-fsdp-context tokens per step. FSDP's bf16 copies exist for about two blocks at a
     time. Reports tokens/s, MFU of the data-sheet peak, and the plan against the allocator's peak."""
     torch.cuda.empty_cache()  # the compiled GPT-2 case's cached blocks
-    procs, device = pretrain.init_processes("cuda", "fsdp")  # a process group of one
+    procs, device = distributed.init_processes("cuda", "fsdp")  # a process group of one
     try:
         capacity = torch.cuda.get_device_properties(device).total_memory
         T = args.train_fsdp_context
@@ -229,11 +230,8 @@ def fsdp_gpu_rows(args: argparse.Namespace) -> list[dict]:
                "preset": f"mistral-7b shape, {n_layer} layers", "context": T, "batch": 1, "dtype": "bfloat16",
                "params_M": round(plan["parameters"] / 1e6), "GPU GB": round(capacity / 1e9, 2),
                "planned GB": round(plan["total"] / 1e9, 2), "plain training planned GB": round(plain["total"] / 1e9, 2)}
-        with torch.device("meta"):
-            gpt = GPT(get_config("mistral-7b", n_layer=n_layer, block_size=T))
-        pretrain.checkpoint_activations(gpt)
-        pretrain.shard(gpt, device, torch.bfloat16)
-        gpt.to_empty(device=device)
+        gpt = distributed.sharded_model(get_config("mistral-7b", n_layer=n_layer, block_size=T), device,
+                                        torch.bfloat16, activation_checkpointing=True)
         torch.manual_seed(0)
         with torch.no_grad():
             for p in gpt.parameters():  # GPT-2's init for the matrices; the norms' weights start at 1
