@@ -282,3 +282,18 @@ def test_compare_indexes_only_the_935_training_entries():
             assert not rag.same_item(shot, item)
             assert shot in splits["train"]
     assert test_texts  # the split has test items to protect
+
+
+def test_the_script_runs_and_ends_a_mistake_in_one_line(docs, tmp_path):
+    import subprocess
+    import sys
+    script = str(Path(rag.__file__))
+    done = subprocess.run([sys.executable, script, "index", str(docs), "--out", str(tmp_path / "i")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "indexed 3 file(s)" in done.stdout, done.stderr
+    done = subprocess.run([sys.executable, script, "search", "--index", str(tmp_path / "i"), "dogs bark", "--k", "1"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "dogs.md" in done.stdout, done.stderr
+    bad = subprocess.run([sys.executable, script, "search", "--index", str(tmp_path / "i"), "dogs", "--k", "0"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1, bad.stderr
