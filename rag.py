@@ -28,14 +28,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import (ArgumentParser, UserError, atomic_write, non_negative_float, non_negative_int, positive_int,
-                    run_stage, unit_interval, writable_file, writable_folder)
+from common import (ArgumentParser, RunLock, UserError, atomic_write, non_negative_float, non_negative_int,
+                    positive_int, run_stage, unit_interval, writable_file, writable_folder)
 from data import default_data, load_entries, split_entries
 from generate import answer
 from load_gpt2 import add_init_args, load_model, tokenizer_for
 from model import add_device_args, device_and_dtype
 from scoring import exact_match, judge_prompt, parse_score, rouge_l
-from templates import TEMPLATES, Template, default_template, encode_template_text
+from templates import TEMPLATES, Template, default_template, encode_template_text, prompt_ids
 from tokenizer import bos, get_tokenizer
 
 
@@ -103,7 +103,8 @@ def read_documents(path: Path) -> list[Document]:
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text (bad byte at offset {e.start}); convert it or leave it out") from None
+        raise UserError(f"{path} is not UTF-8 text (bad byte at offset {e.start}); convert it or leave it "
+                        f"out") from None
     if path.suffix.lower() not in RECORD_SUFFIXES:
         return [Document(str(path), text)]
     try:
@@ -111,6 +112,7 @@ def read_documents(path: Path) -> list[Document]:
             records = json.loads(text)
         else:
             records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        records = records if isinstance(records, list) else [records]  # a single JSON object is one record
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is neither a JSON list nor JSONL ({e.msg}, line {e.lineno}); fix it or leave it "
                         f"out") from None
@@ -419,14 +421,16 @@ def index_main(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     files = source_files(args.sources) if args.sources else [default_data()]
     tokenizer = get_tokenizer() if args.chunk_by == "tokens" else None
-    chunks = [c for f in files for d in read_documents(f) for c in chunk_document(d, args.chunk, args.overlap, tokenizer)]
+    chunks = [c for f in files for d in read_documents(f)
+              for c in chunk_document(d, args.chunk, args.overlap, tokenizer)]
     if not chunks:
         raise UserError(f"the {len(files)} file(s) hold no words to index; the corpus is empty")
     meta = {"k1": args.k1, "b": args.b, "epsilon": args.epsilon, "stop_words": args.stop_words,
             "chunk": args.chunk, "overlap": args.overlap, "chunk_by": args.chunk_by,
             "files": [fingerprint(f) for f in files]}
     index = build_index(chunks, meta)
-    save_index(index, out)
+    with RunLock(out):  # a second `index` into the same folder stops instead of mixing its files in
+        save_index(index, out)
     seconds = time.perf_counter() - start
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     print(f"indexed {len(files)} file(s): {len(chunks):,} chunks, {len(index.bm25.terms):,} terms, "
@@ -486,11 +490,13 @@ def grounded_prompt(question: str, chunks: Sequence[dict]) -> tuple[str, str]:
     """(instruction, input) of a template: the question, and the numbered sources it should answer from."""
     if not chunks:
         return question, ""
-    sources = "\n\n".join(f"[{i}] {c['source']}, character {c['offset']}:\n{c['text']}" for i, c in enumerate(chunks, 1))
+    sources = "\n\n".join(f"[{i}] {c['source']}, character {c['offset']}:\n{c['text']}"
+                          for i, c in enumerate(chunks, 1))
     return f"{question}\n\nAnswer from the numbered sources below, and name the ones you use, like [1].", sources
 
 
-def fit_prompt(tokenizer, template: Template, question: str, chunks: list[dict], room: int) -> tuple[list[int], list[dict]]:
+def fit_prompt(tokenizer, template: Template, question: str, chunks: list[dict],
+               room: int) -> tuple[list[int], list[dict]]:
     """The prompt's ids with as many of the chunks, best first, as leave `room` tokens of the context;
     the lowest-ranked are dropped first."""
     while True:
@@ -569,8 +575,8 @@ def shot_prompt(tokenizer, template: Template, item: dict, shots: list[dict], ro
     prompt leaves `room` tokens of the context."""
     while True:
         text = "".join(template.prompt(s["instruction"], s["input"]) + s["output"] + "\n\n" for s in shots)
-        ids = bos(tokenizer) + encode_template_text(tokenizer, text + template.prompt(item["instruction"], item["input"]),
-                                                    template)
+        text += template.prompt(item["instruction"], item["input"])
+        ids = bos(tokenizer) + encode_template_text(tokenizer, text, template)
         if len(ids) <= room or not shots:
             return ids
         shots = shots[:-1]
@@ -610,9 +616,8 @@ def judge_rows(rows: list[tuple[dict, list[str]]], test: list[dict], args: argpa
     judge, tokenizer, extra = language_model(args.judge, None, args.seed, device, dtype, "--judge")
     template = TEMPLATES[args.judge_template or default_template(extra)]
     for row, replies in rows:
-        prompts = [bos(tokenizer) + encode_template_text(
-            tokenizer, template.prompt(judge_prompt({**e, "model_response": r}), ""), template)
-            for e, r in zip(test, replies)]
+        prompts = [prompt_ids(tokenizer, template, judge_prompt({**e, "model_response": r}))
+                   for e, r in zip(test, replies)]
         scores = [parse_score(s) for s in answer(judge, prompts, tokenizer, template, max_new_tokens=16,
                                                  batch_size=args.batch_size, device=device, dtype=dtype)]
         parsed = [s for s in scores if s is not None]
@@ -641,8 +646,9 @@ def compare_main(args: argparse.Namespace) -> dict:
         del model
         model, tokenizer, extra = language_model(args.finetuned, None, args.seed, device, dtype, "--finetuned")
         template = TEMPLATES[default_template(extra)]
-        rows += model_rows(model, tokenizer, template, "finetuned", {"none": ways["none"], "retrieved": ways["retrieved"]},
-                           test, train, bm25, args, device, dtype)
+        finetuned_ways = {"none": ways["none"], "retrieved": ways["retrieved"]}
+        rows += model_rows(model, tokenizer, template, "finetuned", finetuned_ways, test, train, bm25, args, device,
+                           dtype)
     if args.judge:
         judge_rows(rows, test, args, device, dtype)
     table = [row for row, _ in rows]

@@ -76,7 +76,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def books() -> list[rag.Document]:
     """Tiny Shakespeare, and the instruction data one record a document."""
-    return rag.read_documents(fetch("text/tinyshakespeare.txt")) + rag.read_documents(fetch("instruct/instruction-data.json"))
+    return (rag.read_documents(fetch("text/tinyshakespeare.txt"))
+            + rag.read_documents(fetch("instruct/instruction-data.json")))
 
 
 def synthetic(mb: int, folder: Path) -> list[Path]:
