@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import glob
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -224,12 +225,14 @@ class BM25:
 
 
 def build_bm25(chunks: Sequence[Sequence[str]], k1: float = 1.5, b: float = 0.75, epsilon: float = 0.25) -> BM25:
-    """The index of chunks given as their terms: one pass in Python to number the terms, the rest numpy."""
+    """The index of chunks given as their terms: the terms numbered by dicts, the postings made by numpy."""
     if not any(chunks):
         raise UserError("the documents hold no words to index; give text files, Markdown or JSON/JSONL records")
-    terms: dict[str, int] = {}
-    ids = np.fromiter((terms.setdefault(w, len(terms)) for chunk in chunks for w in chunk), dtype=np.int64)
+    # Numbered in order of first appearance; map and chain keep the per-word work out of Python bytecode.
+    terms = {term: i for i, term in enumerate(dict.fromkeys(itertools.chain.from_iterable(chunks)))}
     length = np.array([len(c) for c in chunks], dtype=np.int64)
+    ids = np.fromiter(map(terms.__getitem__, itertools.chain.from_iterable(chunks)), dtype=np.int64,
+                      count=int(length.sum()))
     chunk_of = np.repeat(np.arange(len(chunks), dtype=np.int64), length)
     # one key per (term, chunk) pair, so sorting the keys groups postings by term, chunks ascending
     keys, tf = np.unique(ids * len(chunks) + chunk_of, return_counts=True)
