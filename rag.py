@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from common import (ArgumentParser, RunLock, UserError, atomic_write, non_negative_float, non_negative_int,
-                    positive_int, run_stage, unit_interval, writable_file, writable_folder)
+                    positive_int, run_stage, writable_file, writable_folder)
 from data import default_data, load_entries, split_entries
 from generate import answer
 from load_gpt2 import add_init_args, load_model, tokenizer_for
@@ -442,6 +442,16 @@ def index_main(args: argparse.Namespace) -> dict:
             "bytes": size, "out": str(out)}
 
 
+def json_target(args: argparse.Namespace) -> Path | None:
+    """--json's file, checked before any work: writable, and an existing one kept unless --force."""
+    if args.json is None:
+        return None
+    path = writable_file(Path(args.json), "--json")
+    if path.exists() and not args.force:
+        raise UserError(f"--json {path} already exists; add --force to replace it, or name another file")
+    return path
+
+
 def read_queries(path: str) -> list[str]:
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
@@ -456,7 +466,7 @@ def read_queries(path: str) -> list[str]:
 def search_main(args: argparse.Namespace) -> dict:
     if (args.query is None) == (args.queries is None):
         raise UserError("give one query, or --queries FILE with one a line (not both)")
-    json_path = writable_file(Path(args.json), "--json") if args.json else None
+    json_path = json_target(args)
     queries = read_queries(args.queries) if args.queries else [args.query]
     index, load_seconds = open_index(args.index)
     start = time.perf_counter()
@@ -635,9 +645,7 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def compare_main(args: argparse.Namespace) -> dict:
-    json_path = writable_file(Path(args.json), "--json") if args.json else None
-    if json_path and json_path.exists() and not args.force:
-        raise UserError(f"--json {json_path} already exists; add --force to replace it, or name another file")
+    json_path = json_target(args)
     splits = split_entries(load_entries(Path(args.data) if args.data else default_data()))
     train, test = splits["train"], splits["test"][:args.limit]
     bm25 = build_bm25([entry_words(e) for e in train])  # the training split only: test items are never found
@@ -670,9 +678,15 @@ def compare_main(args: argparse.Namespace) -> dict:
 COMMANDS = {"index": index_main, "search": search_main, "ask": ask_main, "compare": compare_main}
 
 
-def unit_interval_or_one(text: str) -> float:
-    """b in [0, 1]: 1 is full length normalisation."""
-    return 1.0 if text.strip() in ("1", "1.0") else unit_interval(text)
+def fraction(text: str) -> float:
+    """An argparse type for --b: a number from 0 to 1, both included (1 is full length normalisation)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value <= 1:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number from 0 to 1")
+    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -690,7 +704,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chunk-by", choices=("words", "tokens"), default="words",
                    help="measure chunks in words or in GPT-2 tokens (chunks always end between words)")
     p.add_argument("--k1", type=non_negative_float, default=1.5, help="BM25's term-frequency saturation")
-    p.add_argument("--b", type=unit_interval_or_one, default=0.75, help="BM25's length normalisation, 0 to 1")
+    p.add_argument("--b", type=fraction, default=0.75, help="BM25's length normalisation, 0 to 1")
     p.add_argument("--epsilon", type=non_negative_float, default=0.25,
                    help="idf floor: terms in over half the chunks get epsilon times the average idf")
     p.add_argument("--stop-words", action=argparse.BooleanOptionalAction, default=False,
@@ -703,6 +717,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--queries", default=None, metavar="FILE", help="many queries, one a line")
     p.add_argument("--k", type=positive_int, default=5, help="chunks per query")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results to FILE as JSON")
+    p.add_argument("--force", action=argparse.BooleanOptionalAction, default=False,
+                   help="replace an existing --json file")
 
     p = commands.add_parser("ask", help="answer a question from the retrieved chunks, naming them")
     p.add_argument("question")
