@@ -192,7 +192,8 @@ def test_bad_input_is_one_clear_sentence(docs, tmp_path):
                           (("search", "--index", str(index), "cats", "--k", "1000"), "more than the"),
                           (("search", "--index", str(tmp_path / "none"), "cats"), "is not a folder"),
                           (("index", str(docs), "--out", str(index)), "already holds an index"),
-                          (("index", str(docs), "--out", str(tmp_path / "y"), "--b", "1.5"), "not a number from 0 to 1"),
+                          (("index", str(docs), "--out", str(tmp_path / "y"), "--b", "1.5"),
+                           "not a number from 0 to 1"),
                           (("search", "--index", str(index), "cats", "--k", "1", "--json", str(index / "meta.json")),
                            "already exists; add --force")]:
         with pytest.raises(UserError, match=message) as e:
