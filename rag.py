@@ -218,10 +218,17 @@ class BM25:
         if k > len(self):
             raise UserError(f"--k {k} is more than the {len(self)} chunks in the index; ask for at most {len(self)}")
         scores = self.scores(query)
-        kth = np.partition(scores, len(self) - k)[len(self) - k]  # the k-th highest score
-        candidates = np.flatnonzero(scores >= kth)  # k of them, or more when several tie with the k-th
-        order = np.lexsort((candidates, -scores[candidates]))[:k]
-        return candidates[order], scores[candidates[order]]
+        pool = np.flatnonzero(scores > 0)  # the top k come from the chunks scoring above 0, if k of them do
+        if len(pool) < k:
+            pool = np.arange(len(self))
+        pooled = scores[pool]
+        kth = -np.partition(-pooled, k - 1)[k - 1]  # the k-th highest score
+        above = pool[pooled > kth]  # fewer than k
+        # The rest are the first chunks scoring exactly kth (taken in order: without a query term, a great
+        # many chunks score 0).
+        top = np.concatenate((above, pool[pooled == kth][:k - len(above)]))
+        top = top[np.lexsort((top, -scores[top]))]
+        return top, scores[top]
 
 
 def build_bm25(chunks: Sequence[Sequence[str]], k1: float = 1.5, b: float = 0.75, epsilon: float = 0.25) -> BM25:

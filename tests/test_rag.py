@@ -84,6 +84,8 @@ def test_top_k_is_best_first_with_ties_in_chunk_order():
     bm25 = rag.build_bm25([["a"], ["b"], ["a", "a"], ["a"], ["c"]])
     ids, scores = bm25.top(["a"], 3)
     assert ids.tolist() == [2, 0, 3] and scores[1] == scores[2] and scores[0] > scores[1]
+    ids, scores = bm25.top(["c"], 3)  # one chunk holds c: the other two are the first of those scoring 0
+    assert ids.tolist() == [4, 0, 1] and scores.tolist()[1:] == [0, 0]
     with pytest.raises(UserError, match="more than the 5 chunks"):
         bm25.top(["a"], 6)
 
