@@ -12,8 +12,9 @@ has them (--ref-python); neither is a dependency of the project. rank_bm25 keeps
 chunk and scores a query by visiting every chunk, so on the large corpus it runs on its first
 --rag-reference-mb MB of chunks only (the row says so), where ours is timed on the same sample too.
 
-Rows: corpus, engine, chunks, build_s, index_mb, p50_ms, p95_ms, and the top-5 agreement with rank_bm25
-(identical up to the order of equal scores).
+Rows: corpus, engine, chunks, build_s (from the chunks' word lists), index_mb (the saved index without
+the chunks' text, which rag.py keeps too: texts_mb), p50_ms, p95_ms at k=5 (one query at a time), and the
+top-5 agreement with rank_bm25 (identical up to the order of equal scores).
 """
 import argparse
 import json
@@ -150,13 +151,16 @@ def corpus_rows(name: str, documents: list[rag.Document], args: argparse.Namespa
     (tmp / name).mkdir()
     rag.save_index(index, tmp / name)
     full_s = time.perf_counter() - start
-    index_bytes = sum(f.stat().st_size for f in (tmp / name).iterdir())
+    # the postings and chunk tables only: bm25s saves no texts, rag.py keeps the chunks' text beside them
+    texts = ("chunks.bin", "sources.json")
+    index_bytes = sum(f.stat().st_size for f in (tmp / name).iterdir() if f.name not in texts)
+    text_bytes = sum((tmp / name / f).stat().st_size for f in texts)
     print(f"{name}: {len(chunks):,} chunks; chunk + index + save in {full_s:.1f} s", file=sys.stderr)
     words = [rag.words(c.text) for c in chunks]
     del index, chunks
     queries = make_queries(words, args.rag_queries)
     mine = ours(words, queries, 5)
-    rows = [row(name, "rag.py", len(words), mine, index_bytes)]
+    rows = [row(name, "rag.py", len(words), mine, index_bytes) | {"texts_mb": round(text_bytes / 1e6, 1)}]
     if args.ref_python:
         fast = reference("bm25s", args.ref_python, words, queries, 5, tmp)
         rows.append(row(name, "bm25s", len(words), fast, fast["bytes"]))
