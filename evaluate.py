@@ -38,13 +38,15 @@ import torch.nn.functional as F
 
 from common import (ArgumentParser, ProgressLine, UserError, atomic_write, non_negative_int, positive_int, run_stage,
                     writable_folder)
+from corpus import corpus_files, document_ids, load_token_folder, read_blocks, read_text
 from download import fetch
 from generate import answer, generate, left_pad
 from load_gpt2 import add_init_args, load_model, tokenizer_for
 from model import GPT, KVCache, PRESETS, add_device_args, device_and_dtype
-from templates import TEMPLATES, alpaca_prompt, default_template, prompt_ids
-from corpus import corpus_files, document_ids, load_token_folder, read_blocks, read_text
+from scoring import exact_match, judge_prompt, parse_score, rouge_l
+from templates import TEMPLATES, default_template, prompt_ids
 from tokenizer_base import bos
+
 
 
 DEFAULT_TEXT = "text/the-verdict.txt"  # a short story, downloaded once into the cache
@@ -668,58 +670,7 @@ def greedy_continuations(model: GPT, prompts: Sequence[Sequence[int]], new_token
 
 # ---------------------------------------------------------------------------------------------------
 # Instruction answers: ROUGE-L and exact match against the reference, and a judge model's score
-
-def rouge_tokens(text: str) -> list[str]:
-    """rouge-score's default tokenizer without stemming: lower case, and every run of characters other
-    than a-z and 0-9 separates tokens (so accented letters and non-Latin text separate too)."""
-    return [token for token in re.split(r"[^a-z0-9]+", text.lower()) if token]
-
-
-def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
-    """Length of the longest common subsequence, by dynamic programming one row at a time."""
-    previous = [0] * (len(b) + 1)
-    for x in a:
-        current = [0]
-        for j, y in enumerate(b):
-            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
-        previous = current
-    return previous[-1]
-
-
-def rouge_l(reference: str, response: str) -> float:
-    """ROUGE-L F1 as rouge-score computes it: precision = LCS / response tokens, recall = LCS / reference
-    tokens, their harmonic mean; 0 when either text has no tokens."""
-    ref, hyp = rouge_tokens(reference), rouge_tokens(response)
-    if not ref or not hyp:
-        return 0.0
-    lcs = lcs_length(ref, hyp)
-    precision, recall = lcs / len(hyp), lcs / len(ref)
-    return 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
-
-
-RESPONSE_HEADER = "\n\n### Response:\n"
-
-
-def judge_prompt(entry: dict) -> str:
-    """The scoring prompt of "LLMs from scratch", ch. 7: the entry in the Alpaca format (the book's
-    format_input), the reference output and the model's response, and a request for an integer 0-100."""
-    entry_text = alpaca_prompt(entry["instruction"], entry.get("input", ""))
-    assert entry_text.endswith(RESPONSE_HEADER), "the Alpaca prompt ends with its response header"
-    return (f"Given the input `{entry_text.removesuffix(RESPONSE_HEADER)}` "
-            f"and correct output `{entry['output']}`, "
-            f"score the model response `{entry['model_response']}`"
-            f" on a scale from 0 to 100, where 100 is the best score. "
-            f"Respond with the integer number only.")
-
-
-def parse_score(reply: str) -> float | None:
-    """The first number in the judge's reply, if it is on the 0-100 scale; None otherwise (no guessing)."""
-    found = re.search(r"-?\d+(?:\.\d+)?", reply)
-    if found is None:
-        return None
-    value = float(found.group())
-    return value if 0 <= value <= 100 else None
-
+# (the scoring functions live in scoring.py, which rag.py's compare shares)
 
 def read_answers(path: Path, need_instruction: bool) -> list[dict]:
     """The entries of an answers file (finetune_instruct.py's test-responses.json: a JSON list or JSONL)."""
@@ -1036,7 +987,7 @@ def answers_main(args: argparse.Namespace) -> dict:
     path = Path(args.file)
     entries = read_answers(path, need_instruction=args.judge is not None)
     items = [{"rouge_l": rouge_l(e["output"], e["model_response"]),
-              "exact_match": e["model_response"].strip() == e["output"].strip()} for e in entries]
+              "exact_match": exact_match(e["output"], e["model_response"])} for e in entries]
     result = {"rouge_l": sum(i["rouge_l"] for i in items) / len(items),
               "exact_match": sum(i["exact_match"] for i in items) / len(items),
               "judge_mean": None, "judge_unparsed": None, "answers": len(items), "file": str(path)}
