@@ -26,7 +26,7 @@ def test_passes():
 '''
 
 
-def run_sample(tmp_path, ci: str) -> subprocess.CompletedProcess:
+def run_sample(tmp_path, ci: str, *select: str) -> subprocess.CompletedProcess:
     """The sample tests above under the project's own conftest (loaded by path, under another name)."""
     (tmp_path / "conftest.py").write_text(
         "import importlib.util\n"
@@ -35,15 +35,23 @@ def run_sample(tmp_path, ci: str) -> subprocess.CompletedProcess:
         "globals().update({k: v for k, v in vars(project).items() if not k.startswith('__')})\n")
     (tmp_path / "test_sample.py").write_text(SAMPLE)
     env = {**__import__("os").environ, "CI": ci}
-    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", str(tmp_path)],
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", *select, str(tmp_path)],
                           cwd=tmp_path, capture_output=True, text=True, timeout=240, env=env)
 
 
 @pytest.mark.skipif(not conftest.SHARED_DATA.is_dir(), reason="CI mode needs ../shared beside the clone")
-def test_under_ci_a_download_failure_fails_and_an_unlisted_skip_fails_the_run(tmp_path):
-    result = run_sample(tmp_path, "true")
+def test_under_ci_a_download_failure_fails_its_test(tmp_path):
+    result = run_sample(tmp_path, "true", "-k", "not guard")
     assert result.returncode == 1, result.stdout
-    assert "1 failed, 1 passed, 2 skipped" in result.stdout
+    assert "1 failed, 1 passed, 1 skipped" in result.stdout and "no network here" in result.stdout
+    assert "skips that CI does not allow" not in result.stdout  # the compiler's skip is on the list
+
+
+@pytest.mark.skipif(not conftest.SHARED_DATA.is_dir(), reason="CI mode needs ../shared beside the clone")
+def test_under_ci_a_skip_off_the_list_fails_a_run_that_otherwise_passes(tmp_path):
+    result = run_sample(tmp_path, "true", "-k", "guard or expected or passes")
+    assert "1 passed, 2 skipped" in result.stdout
+    assert result.returncode == 1, result.stdout
     unlisted = result.stdout[result.stdout.index("skips that CI does not allow"):]
     assert "test_a_guard_that_skips" in unlisted and "test_an_expected_skip" not in unlisted
 
