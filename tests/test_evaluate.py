@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 
 import evaluate as ev
-import tokenizer as tokenizer_module
 from conftest import REPO
 
 from common import UserError, run_stage
@@ -614,8 +613,6 @@ def test_the_script_runs_on_its_own(tmp_path):
 
 
 @pytest.mark.needs_files("hf/mistralai/Mistral-7B-v0.1/tokenizer.model")
-@pytest.mark.skipif(not hasattr(tokenizer_module, "load_tokenizer"), reason="tokenizer.load_tokenizer (SentencePiece) "
-                    "is not in this checkout yet")
 def test_a_mistral_family_model_with_its_own_tokenizer(tmp_path):
     data = write_jsonl(tmp_path / "q.jsonl", plain_items(3))
     (tmp_path / "t.txt").write_text(MEMORY_TEXT * 3)

@@ -486,8 +486,6 @@ def test_resume_keeps_the_runs_tokenizer(verdict_tokens, tmp_path):
         pretrain.train(tiny_args(verdict_tokens, tmp_path, "--resume", "--max-steps", "2"))
 
 
-@pytest.mark.skipif(not hasattr(tokenizer, "load_tokenizer"),
-                    reason="tokenizer.py's SentencePiece reader (load_tokenizer) is not in this checkout yet")
 def test_mistral_tiny_trains_with_its_own_tokenizer_from_random_and_from_a_hub_folder(tmp_path, offline_cache):
     """Mistral's maths and its 32,000-token SentencePiece vocabulary: the corpus is tokenized with it
     (its own token folder), and the Hub-layout export (weights, config.json, tokenizer.model) trains too."""
