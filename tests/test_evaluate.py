@@ -255,10 +255,33 @@ def test_batches_of_questions_fill_but_never_overflow_the_context(tiny):
         assert got == pytest.approx([ev.loglikelihood(tiny, request.context, k) for k in request.continuations], abs=1e-4)
 
 
-def test_accuracy_norm_divides_by_the_bytes_of_each_choice():
-    item = ev.Item("x", "plain", [], "q", ["é", "longer"], answer=1)  # 2 bytes and 6 bytes
-    figures = ev.choice_figures([item], [[-4.0, -9.0]])
-    assert (figures["accuracy"], figures["accuracy_norm"]) == (0.0, 1.0)  # -2.0 per byte < -1.5 per byte
+def test_accuracy_norm_divides_by_the_characters_of_each_choice():
+    item = ev.Item("x", "plain", [], "q", ["éé", "abc"], answer=1)  # 2 characters (4 bytes), 3 characters (3 bytes)
+    figures = ev.choice_figures([item], [[-3.0, -4.0]])
+    # -1.5 < -1.33 per character picks "abc"; per byte (-0.75 > -1.33) it would pick "éé"
+    assert (figures["accuracy"], figures["accuracy_norm"]) == (0.0, 1.0)
+
+
+def test_choice_matches_lm_evaluation_harness_on_its_own_fixture(tmp_path):
+    """tests/fixtures/make_lm_eval_fixture.py ran the harness (its task's requests, its HFLM, its
+    process_results) on hf_tiny_gpt2 with a byte-level tokenizer; the same model and tokenizer here give
+    the same prompts, log-likelihoods, acc and acc_norm (which differ from a per-byte acc_norm)."""
+    reference = json.loads((FIXTURES / "lm_eval_choice.json").read_text(encoding="utf-8"))
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (model_dir / name).write_bytes((FIXTURES / "hf_tiny_gpt2" / name).read_bytes())
+    (model_dir / "tokenizer.json").write_bytes((FIXTURES / "lm_eval_tokenizer.json").read_bytes())
+    questions = [{k: item[k] for k in ("question", "choices", "answer")} for item in reference["items"]]
+    data = tmp_path / "q.jsonl"
+    data.write_text("".join(json.dumps(q, ensure_ascii=False) + "\n" for q in questions), encoding="utf-8")
+    result = run_cli("choice", "--init", model_dir, "--data", data)
+    for item, ours, theirs in zip(ev.load_questions(data), result["items"], reference["items"]):
+        assert [[ev.context_text(item), " " + c] for c in ev.choice_texts(item)] == theirs["requests"]
+        assert ours["scores"] == pytest.approx(theirs["loglikelihoods"], abs=1e-3)
+    assert result["accuracy"] == pytest.approx(reference["acc"])
+    assert result["accuracy_norm"] == pytest.approx(reference["acc_norm"])
+    assert reference["acc_norm"] != reference["acc_bytes"]  # the fixture tells characters from bytes
 
 
 def test_shuffled_predictions_map_back_to_the_original_options():
