@@ -122,6 +122,7 @@ def test_compiled_int8_linear_matches_eager():
         compiled = G.compile_for_generation(layer, torch.device("cpu"))(x)
         eager = layer(x)
     torch.testing.assert_close(compiled, eager, rtol=0.02, atol=0.02 * eager.abs().max().item())
+    assert torch._inductor.config.freezing is False  # on only while the compiled model runs, never left on
     torch._dynamo.reset()
 
 
@@ -251,6 +252,43 @@ def test_main_decodes_every_family_in_little_memory(preset, flags, capsys):
     result = G.main(args)
     assert result["new_tokens"] >= 1 and result["samples"][0].startswith("Once upon a time")
     assert capsys.readouterr().out.startswith("Once upon a time")
+
+
+def models_main_generates_with(monkeypatch, *flags: str) -> tuple[list[nn.Module], dict]:
+    """generate.py's main on the tiny preset, greedy, and the model objects it generated with."""
+    seen, real = [], G.generate_text
+    monkeypatch.setattr(G, "generate_text", lambda model, *rest: seen.append(model) or real(model, *rest))
+    result = G.main(G.parse_args(["--init", "random", "--preset", "tiny", "--device", "cpu", "--prompt", "Once upon",
+                                  "--max-new-tokens", "5", "--temperature", "0", *flags]))
+    return seen, result
+
+
+@pytest.mark.needs_files("gpt2/encoder.json", "gpt2/vocab.bpe")
+def test_main_quantize_int8_generates_with_int8_layers_in_a_third_of_the_bytes(monkeypatch):
+    [plain], _ = models_main_generates_with(monkeypatch)
+    [int8], _ = models_main_generates_with(monkeypatch, "--quantize", "int8")
+    assert not any(isinstance(m, G.Int8Linear) for m in plain.modules())
+    assert sum(isinstance(m, G.Int8Linear) for m in int8.modules()) == 4 * plain.config.n_layer + 1  # and the head
+    assert not any(type(m) is nn.Linear for m in int8.transformer.h.modules())
+    size = lambda m: sum(t.numel() * t.element_size() for t in [*m.parameters(), *m.buffers()])  # noqa: E731
+    assert size(int8) < size(plain) / 3
+
+
+@pytest.mark.needs_files("gpt2/encoder.json", "gpt2/vocab.bpe")
+def test_main_dtype_bfloat16_generates_with_bfloat16_weights(monkeypatch):
+    [model], result = models_main_generates_with(monkeypatch, "--dtype", "bfloat16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16} and result["new_tokens"] == 5
+
+
+@pytest.mark.skipif(M.missing_compiler(torch.device("cpu")) is not None, reason="no C++ compiler for torch.compile")
+@pytest.mark.needs_files("gpt2/encoder.json", "gpt2/vocab.bpe")
+def test_main_compile_decodes_the_whole_model_compiled_as_eager_does(monkeypatch):
+    [eager], expected = models_main_generates_with(monkeypatch)
+    [compiled], result = models_main_generates_with(monkeypatch, "--compile")
+    torch._dynamo.reset()
+    assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule) and compiled._orig_mod is not eager
+    assert result["samples"] == expected["samples"] and result["new_tokens"] == 5
+    assert torch._inductor.config.freezing is False  # later compiles (training) must not freeze weights
 
 
 @pytest.mark.needs_files("gpt2/encoder.json", "gpt2/vocab.bpe")
