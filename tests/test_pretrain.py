@@ -134,6 +134,24 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(verdict
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] >= 1
 
 
+def first_val_loss(out_dir: Path) -> float:
+    """The val_loss a run logged before its first step (metrics.jsonl's first record)."""
+    return json.loads((out_dir / "metrics.jsonl").read_text().splitlines()[0])["val_loss"]
+
+
+def test_a_run_from_a_checkpoint_starts_at_that_checkpoints_validation_loss(verdict_tokens, tmp_path):
+    """--init CHECKPOINT trains on from those weights: before its first step the new run measures the
+    checkpoint's own validation loss (same windows), far below a random model's."""
+    pretrain.train(tiny_args(verdict_tokens, tmp_path / "a", "--max-steps", "6", "--lr", "3e-3", "--sample-tokens", "0"))
+    saved = torch.load(tmp_path / "a" / "best.pt", weights_only=True)["val_loss"]
+    pretrain.train(pretrain.parse_args(["--data", str(verdict_tokens), "--init", str(tmp_path / "a" / "best.pt"),
+                                        "--out-dir", str(tmp_path / "b"), "--block-size", "32", "--batch-size", "4",
+                                        "--max-steps", "1", "--eval-batches", "2", "--sample-tokens", "0",
+                                        "--device", "cpu"]))
+    assert first_val_loss(tmp_path / "b") == pytest.approx(saved, rel=1e-5)
+    assert saved < first_val_loss(tmp_path / "a") - 0.5  # six steps moved the loss well away from random
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -174,7 +192,13 @@ def test_two_gloo_processes_ddp_and_fsdp_agree_with_one_process(verdict_tokens, 
               "--max-steps", "4", "--warmup-steps", "1", "--eval-every", "2", "--eval-batches", "3",
               "--sample-tokens", "4", "--device", "cpu"]
     fsdp = [*common, "--strategy", "fsdp"]
+    # A checkpoint to start from (--init): the DDP and FSDP runs from it must begin at its val_loss
+    pretrain.train(pretrain.parse_args([*common, "--max-steps", "3", "--lr", "3e-3", "--sample-tokens", "0",
+                                        "--out-dir", str(tmp_path / "start")]))
+    start = ["--init", str(tmp_path / "start" / "best.pt"), *common[:2], *common[4:], "--max-steps", "1"]  # no --preset
     runs = [("ddp", [*common, "--out-dir", str(tmp_path / "ddp")], _free_port(), None),
+            ("ddp_init", [*start, "--out-dir", str(tmp_path / "ddp_init")], _free_port(), None),
+            ("fsdp_init", [*start, "--strategy", "fsdp", "--out-dir", str(tmp_path / "fsdp_init")], _free_port(), None),
             ("fsdp", [*fsdp, "--out-dir", str(tmp_path / "fsdp")], _free_port(), None),
             ("fsdp_ac", [*fsdp, "--activation-checkpointing", "--out-dir", str(tmp_path / "fsdp_ac")], _free_port(), None),
             ("cut", [*fsdp, "--out-dir", str(tmp_path / "cut")], _free_port(), 2)]
@@ -182,6 +206,10 @@ def test_two_gloo_processes_ddp_and_fsdp_agree_with_one_process(verdict_tokens, 
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     ddp, fsdp_run, fsdp_ac, cut = (ranks[0][name] for name in ("ddp", "fsdp", "fsdp_ac", "cut"))
     assert cut["interrupted"] and cut["step"] == 2
+    started = torch.load(tmp_path / "start" / "best.pt", weights_only=True)["val_loss"]
+    assert started < first_val_loss(tmp_path / "start") - 0.3
+    for name in ("ddp_init", "fsdp_init"):
+        assert first_val_loss(tmp_path / name) == pytest.approx(started, rel=1e-5), name
     assert len(list((tmp_path / "cut" / "ckpt.dcp").glob("*.distcp"))) == 2  # each process wrote its own shards
 
     # The same global batch in one process, with the processes' arithmetic: one thread. (Matmuls split
