@@ -8,6 +8,8 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -182,6 +184,18 @@ def _worker(rank: int, world_size: int, runs: list[tuple[str, list[str], int, in
     torch.save(results, f"{out}/rank{rank}.pt")
 
 
+def spawn_with_deadline(worker, args: tuple, nprocs: int, seconds: float) -> None:
+    """mp.spawn, but processes still running after `seconds` (a collective waiting for a dead peer)
+    are killed and the test fails."""
+    context = mp.spawn(worker, args=args, nprocs=nprocs, join=False)
+    deadline = time.monotonic() + seconds
+    while not context.join(timeout=1):  # raises if a process failed
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the {nprocs} processes were still running after {seconds} s")
+
+
 def test_two_gloo_processes_ddp_and_fsdp_agree_with_one_process(verdict_tokens, tmp_path):
     """Two CPU processes (gloo), 4 steps of the tiny model: DDP equals one process with the same global
     batch; FSDP's losses equal DDP's while each process holds half the weights and optimizer state;
@@ -202,7 +216,7 @@ def test_two_gloo_processes_ddp_and_fsdp_agree_with_one_process(verdict_tokens, 
             ("fsdp", [*fsdp, "--out-dir", str(tmp_path / "fsdp")], _free_port(), None),
             ("fsdp_ac", [*fsdp, "--activation-checkpointing", "--out-dir", str(tmp_path / "fsdp_ac")], _free_port(), None),
             ("cut", [*fsdp, "--out-dir", str(tmp_path / "cut")], _free_port(), 2)]
-    mp.spawn(_worker, args=(2, runs, str(tmp_path)), nprocs=2)
+    spawn_with_deadline(_worker, (2, runs, str(tmp_path)), nprocs=2, seconds=600)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     ddp, fsdp_run, fsdp_ac, cut = (ranks[0][name] for name in ("ddp", "fsdp", "fsdp_ac", "cut"))
     assert cut["interrupted"] and cut["step"] == 2
@@ -282,12 +296,8 @@ def test_script_end_to_end_with_the_default_corpus_ctrl_c_and_resume(tmp_path):
     # A long run, stopped by Ctrl-C once it has printed its step-2 progress line.
     proc = subprocess.Popen([sys.executable, str(REPO / "pretrain.py"), *flags, "--max-steps", "1000"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith("step      2/1000"):
-            proc.send_signal(signal.SIGINT)
-            break
+    lines = lines_until(proc, "step      2/1000")
+    proc.send_signal(signal.SIGINT)
     rest, stderr = proc.communicate(timeout=120)
     lines += rest.splitlines()
     assert proc.returncode == 130 and "Traceback" not in stderr, stderr
@@ -423,6 +433,22 @@ def _pretrain_process(*flags: str) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
+def lines_until(proc: subprocess.Popen, prefix: str, seconds: float = 300) -> list[str]:
+    """proc's stdout lines up to the first that starts with prefix; a process that has not printed it
+    within `seconds` is killed (its stdout then ends) and the test fails instead of waiting for ever."""
+    watchdog = threading.Timer(seconds, proc.kill)
+    watchdog.start()
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith(prefix):
+                return lines
+    finally:
+        watchdog.cancel()
+    pytest.fail(f"no line starting {prefix!r} within {seconds} s; the output was:\n{''.join(lines)[-2000:]}")
+
+
 def test_a_second_run_into_a_busy_folder_stops_at_once_and_a_killed_runs_lock_is_taken_over(verdict_tokens, tmp_path):
     out = tmp_path / "run"
     flags = ["--data", str(verdict_tokens), "--preset", "tiny", "--block-size", "32", "--batch-size", "2",
@@ -430,9 +456,7 @@ def test_a_second_run_into_a_busy_folder_stops_at_once_and_a_killed_runs_lock_is
              "--out-dir", str(out), "--device", "cpu"]
     first = _pretrain_process(*flags, "--max-steps", "100000")
     try:
-        for line in first.stdout:  # wait until the first run has a checkpoint to resume
-            if line.startswith("step      2/"):
-                break
+        lines_until(first, "step      2/")  # the first run has a checkpoint to resume
         second = run_script(*flags, "--max-steps", "100000")
         assert second.returncode == 1 and "Traceback" not in second.stderr
         lines = second.stderr.strip().splitlines()
