@@ -550,14 +550,15 @@ def test_a_judge_taught_to_say_85_gives_85(tmp_path, tok):
     assert (result["judge_mean"], result["judge_unparsed"]) == (85.0, 0)
 
 
-def test_replies_without_a_number_are_counted_never_guessed(tmp_path):
-    result = run_cli("answers", answers_file(tmp_path), "--judge", "random", "--preset", "tiny",
-                     "--judge-max-new-tokens", "4")
-    unparsed = [i for i in result["items"] if i["judge"] is None]
-    assert all(ev.parse_score(i["judge_reply"]) is None for i in unparsed)
-    assert result["judge_unparsed"] == len(unparsed)
-    parsed = [i["judge"] for i in result["items"] if i["judge"] is not None]
-    assert result["judge_mean"] == (sum(parsed) / len(parsed) if parsed else None)
+def test_replies_without_a_number_are_counted_never_guessed(tmp_path, monkeypatch):
+    """The judge's replies as given (the model path itself is the 85-judge test's): a number on the scale
+    is a score, a reply without one or off the scale is counted as unparsed and left out of the mean."""
+    replies = ["Score: 70 out of 100", "I cannot say.", "250"]
+    monkeypatch.setattr(ev, "answer", lambda judge, prompts, *args, **kwargs: replies[:len(prompts)])
+    result = run_cli("answers", answers_file(tmp_path), "--judge", "random", "--preset", "tiny")
+    assert [i["judge_reply"] for i in result["items"]] == replies
+    assert [i["judge"] for i in result["items"]] == [70.0, None, None]
+    assert (result["judge_mean"], result["judge_unparsed"]) == (70.0, 2)
 
 
 def test_an_answers_file_missing_a_field_names_it(tmp_path):
