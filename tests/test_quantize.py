@@ -203,11 +203,17 @@ def test_bfloat16_decoding_on_cpu_matches_float32_closely(preset):
     assert (got - want).abs().mean() <= 0.02 * want.std()
     assert (want.argmax(-1) == got.argmax(-1)).float().mean() >= 0.9
     tokens = torch.stack(list(G.generate(bf16, ids[:1, :10], 8, temperature=0)), dim=1)  # KV cache in bf16
-    # Each cached greedy token is the top logit of a bf16 pass over the whole sequence, up to rounding
+    # Each cached greedy token is the top logit of a bf16 pass over the whole sequence, up to rounding,
+    # and each cached step's logits are that pass's
+    sequence = torch.cat([ids[:1, :10], tokens], dim=1)  # (1, 18)
+    cache = M.KVCache(bf16.config, 1, 18, dtype=torch.bfloat16)
     with torch.no_grad():
-        full = bf16(torch.cat([ids[:1, :10], tokens], dim=1))[0][0, 9:-1].float()  # (8, vocab)
-    gap = full.max(-1).values - full.gather(-1, tokens[0][:, None])[:, 0]
+        full = bf16(sequence)[0][0].float()  # (18, vocab)
+        steps = [bf16(sequence[:, :10], kv_cache=cache, cache_positions=torch.arange(10))[0][0]]
+        steps += [bf16(sequence[:, t:t + 1], kv_cache=cache, cache_positions=torch.tensor([t]))[0][0] for t in range(10, 18)]
+    gap = full[9:-1].max(-1).values - full[9:-1].gather(-1, tokens[0][:, None])[:, 0]
     assert (gap <= 0.05 * full.std()).all(), (preset, gap)
+    assert (torch.cat(steps).float() - full).abs().max() <= 0.05 * full.std(), preset
 
 
 def test_a_7b_model_in_int8_needs_about_8_gb():
