@@ -645,3 +645,15 @@ def test_a_mistral_family_model_with_its_own_tokenizer(tmp_path):
     assert len(run_cli("choice", *common, "--data", data)["items"]) == 3
     assert run_cli("memorization", *common, "--data", tmp_path / "t.txt", "--prefix", "4", "--suffix", "4",
                    "--samples", "5")["samples"] == 5
+
+
+@pytest.mark.needs_files("gpt2/encoder.json", "gpt2/vocab.bpe", "text/the-verdict.txt")
+def test_evaluate_with_no_subcommand_measures_perplexity_on_the_verdict(offline_cache, tok):
+    """`python evaluate.py` alone: GPT-2's perplexity on "The Verdict" (the model swapped for a tiny random
+    one here, as the real run downloads GPT-2's weights)."""
+    args = ev.parse_args([])
+    assert (args.command, args.init, args.data) == ("perplexity", "gpt2", None)
+    args.init, args.preset = "random", "tiny"
+    result = ev.main(args)
+    verdict = (offline_cache / "text" / "the-verdict.txt").read_text(encoding="utf-8")
+    assert result["tokens"] == len(tok.encode_ordinary(verdict)) and math.isfinite(result["perplexity"])
