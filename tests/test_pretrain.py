@@ -136,6 +136,18 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(verdict
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] >= 1
 
 
+def test_dtype_bfloat16_trains_in_bfloat16_autocast_on_a_cpu(verdict_tokens, tmp_path):
+    """--dtype bfloat16 on a CPU: the forward passes run in bfloat16 (the losses move by its rounding,
+    not more), the weights and the checkpoint stay float32."""
+    _, fp32 = pretrain.train(tiny_args(verdict_tokens, tmp_path / "fp32", "--max-steps", "3", "--sample-tokens", "0"))
+    model, bf16 = pretrain.train(tiny_args(verdict_tokens, tmp_path / "bf16", "--max-steps", "3", "--sample-tokens", "0",
+                                           "--dtype", "bfloat16"))
+    assert bf16["train_losses"] != fp32["train_losses"]
+    assert bf16["train_losses"] == pytest.approx(fp32["train_losses"], rel=0.02)
+    saved = torch.load(tmp_path / "bf16" / "ckpt.pt", weights_only=True)["model"]
+    assert {p.dtype for p in model.parameters()} == {t.dtype for t in saved.values()} == {torch.float32}
+
+
 def first_val_loss(out_dir: Path) -> float:
     """The val_loss a run logged before its first step (metrics.jsonl's first record)."""
     return json.loads((out_dir / "metrics.jsonl").read_text().splitlines()[0])["val_loss"]
