@@ -19,6 +19,7 @@ import torch
 import torch.multiprocessing as mp
 
 import common
+from conftest import run_in_process
 import pretrain
 import tokenizer
 from load_gpt2 import export_hf, load_model
@@ -208,7 +209,7 @@ def spawn_with_deadline(worker, args: tuple, nprocs: int, seconds: float) -> Non
             pytest.fail(f"the {nprocs} processes were still running after {seconds} s")
 
 
-def test_two_gloo_processes_ddp_and_fsdp_agree_with_one_process(verdict_tokens, tmp_path):
+def test_two_gloo_processes_ddp_and_fsdp_agree_with_one_process(verdict_tokens, tmp_path, capsys):
     """Two CPU processes (gloo), 4 steps of the tiny model: DDP equals one process with the same global
     batch; FSDP's losses equal DDP's while each process holds half the weights and optimizer state;
     activation checkpointing leaves the losses alone; an FSDP run interrupted at step 2 and resumed by
@@ -270,7 +271,8 @@ def test_two_gloo_processes_ddp_and_fsdp_agree_with_one_process(verdict_tokens, 
     assert resumed["val_loss"] == pytest.approx(fsdp_run["val_loss"], rel=1e-5)
 
     # The sharded best weights as one file: the model FSDP evaluated, readable by every stage.
-    pretrain.consolidate(tmp_path / "fsdp" / "best.dcp")
+    code, _, stderr = run_in_process("pretrain.py", ["--consolidate", str(tmp_path / "fsdp" / "best.dcp")], capsys)
+    assert code == 0, stderr
     best, extra = load_model(str(tmp_path / "fsdp" / "best.pt"))
     assert extra["model_type"] == "gpt2" and extra["step"] == 4
     val_tokens = pretrain.load_splits(verdict_tokens, 32, 50257, tokenizer.get_tokenizer(), "gpt2")[1]
