@@ -149,6 +149,28 @@ def test_dtype_bfloat16_trains_in_bfloat16_autocast_on_a_cpu(verdict_tokens, tmp
     assert {p.dtype for p in model.parameters()} == {t.dtype for t in saved.values()} == {torch.float32}
 
 
+def test_a_real_torchrun_launch_trains_as_one_process_with_the_same_global_batch(verdict_tokens, tmp_path):
+    """torchrun itself (--standalone: it picks its own free port), two CPU processes: the same losses as
+    one process with --grad-accum 2, and one set of files, written by rank 0."""
+    common_flags = ["--data", str(verdict_tokens), "--preset", "tiny", "--block-size", "32", "--batch-size", "4",
+                    "--max-steps", "2", "--warmup-steps", "1", "--eval-every", "2", "--eval-batches", "2",
+                    "--sample-tokens", "0", "--device", "cpu"]
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             str(REPO / "pretrain.py"), *common_flags, "--out-dir", str(tmp_path / "torchrun")],
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the processes' arithmetic (see the test below)
+    try:
+        _, one = pretrain.train(pretrain.parse_args([*common_flags, "--grad-accum", "2", "--out-dir", str(tmp_path / "one")]))
+    finally:
+        torch.set_num_threads(threads)
+    records = [json.loads(line) for line in (tmp_path / "torchrun" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 2]  # one writer: no line twice
+    assert records[-1]["val_loss"] == pytest.approx(one["val_loss"], rel=1e-5)
+    assert result.stdout.count("step      2/2") == 1
+
+
 def first_val_loss(out_dir: Path) -> float:
     """The val_loss a run logged before its first step (metrics.jsonl's first record)."""
     return json.loads((out_dir / "metrics.jsonl").read_text().splitlines()[0])["val_loss"]
@@ -173,16 +195,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, runs: list[tuple[str, list[str], int, int | None]], out: str) -> None:
+def _shared_port(rank: int, out: str, name: str) -> int:
+    """A free port for one run, found by rank 0 just before the run starts and handed to the other
+    process through a file (found long before, another program could take it in between)."""
+    path = Path(out) / f"{name}.port"
+    if rank == 0:
+        common.atomic_write(path, str(_free_port()))
+    deadline = time.monotonic() + 60
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank 0 never chose a port for {name}")
+        time.sleep(0.05)
+    return int(path.read_text())
+
+
+def _worker(rank: int, world_size: int, runs: list[tuple[str, list[str], int | None]], out: str) -> None:
     """One of torchrun's processes, by hand: the same environment variables, then pretrain.train once per
-    run (each on its own port). interrupt_at: rank 0 gets a Ctrl-C during that training step."""
+    run (each on its own port). interrupt_at: rank 0 gets a Ctrl-C during that training step. Records
+    the dtype the first block's weights have while it computes (FSDP's mixed precision)."""
     import os
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1")
     torch.set_num_threads(1)  # 2 processes on 2 cores
-    real_step, results = pretrain.train_step, {}
-    for name, argv, port, interrupt_at in runs:
-        os.environ["MASTER_PORT"] = str(port)
-        calls = []
+    real_step, real_shard, results = pretrain.train_step, pretrain.shard, {}
+    for name, argv, interrupt_at in runs:
+        os.environ["MASTER_PORT"] = str(_shared_port(rank, out, name))
+        calls, compute_dtypes = [], set()
 
         def step_with_ctrl_c(*args, **kwargs):
             calls.append(1)
@@ -190,10 +227,17 @@ def _worker(rank: int, world_size: int, runs: list[tuple[str, list[str], int, in
                 signal.raise_signal(signal.SIGINT)  # what Ctrl-C does; the step still finishes
             return real_step(*args, **kwargs)
 
-        pretrain.train_step = step_with_ctrl_c
+        def shard_and_watch(gpt, device, dtype):
+            real_shard(gpt, device, dtype)
+            gpt.transformer.h[0].register_forward_pre_hook(  # runs after FSDP's own, which gathers the weights
+                lambda block, inputs: compute_dtypes.add(str(next(block.parameters()).dtype)))
+            return gpt
+
+        pretrain.train_step, pretrain.shard = step_with_ctrl_c, shard_and_watch
         model, results[name] = pretrain.train(pretrain.parse_args(argv))
         results[name]["weights_sum"] = sum(p.to_local().double().sum().item() if hasattr(p, "to_local")
                                            else p.double().sum().item() for p in model.parameters())
+        results[name]["compute_dtypes"] = sorted(compute_dtypes)
     torch.save(results, f"{out}/rank{rank}.pt")
 
 
@@ -223,12 +267,14 @@ def test_two_gloo_processes_ddp_and_fsdp_agree_with_one_process(verdict_tokens, 
     pretrain.train(pretrain.parse_args([*common, "--max-steps", "3", "--lr", "3e-3", "--sample-tokens", "0",
                                         "--out-dir", str(tmp_path / "start")]))
     start = ["--init", str(tmp_path / "start" / "best.pt"), *common[:2], *common[4:], "--max-steps", "1"]  # no --preset
-    runs = [("ddp", [*common, "--out-dir", str(tmp_path / "ddp")], _free_port(), None),
-            ("ddp_init", [*start, "--out-dir", str(tmp_path / "ddp_init")], _free_port(), None),
-            ("fsdp_init", [*start, "--strategy", "fsdp", "--out-dir", str(tmp_path / "fsdp_init")], _free_port(), None),
-            ("fsdp", [*fsdp, "--out-dir", str(tmp_path / "fsdp")], _free_port(), None),
-            ("fsdp_ac", [*fsdp, "--activation-checkpointing", "--out-dir", str(tmp_path / "fsdp_ac")], _free_port(), None),
-            ("cut", [*fsdp, "--out-dir", str(tmp_path / "cut")], _free_port(), 2)]
+    runs = [("ddp", [*common, "--out-dir", str(tmp_path / "ddp")], None),
+            ("ddp_init", [*start, "--out-dir", str(tmp_path / "ddp_init")], None),
+            ("fsdp_init", [*start, "--strategy", "fsdp", "--out-dir", str(tmp_path / "fsdp_init")], None),
+            ("fsdp_bf16", [*start, "--strategy", "fsdp", "--dtype", "bfloat16", "--out-dir", str(tmp_path / "fsdp_bf16")],
+             None),
+            ("fsdp", [*fsdp, "--out-dir", str(tmp_path / "fsdp")], None),
+            ("fsdp_ac", [*fsdp, "--activation-checkpointing", "--out-dir", str(tmp_path / "fsdp_ac")], None),
+            ("cut", [*fsdp, "--out-dir", str(tmp_path / "cut")], 2)]
     spawn_with_deadline(_worker, (2, runs, str(tmp_path)), nprocs=2, seconds=600)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     ddp, fsdp_run, fsdp_ac, cut = (ranks[0][name] for name in ("ddp", "fsdp", "fsdp_ac", "cut"))
@@ -237,6 +283,10 @@ def test_two_gloo_processes_ddp_and_fsdp_agree_with_one_process(verdict_tokens, 
     assert started < first_val_loss(tmp_path / "start") - 0.3
     for name in ("ddp_init", "fsdp_init"):
         assert first_val_loss(tmp_path / name) == pytest.approx(started, rel=1e-5), name
+    # FSDP's mixed precision: --dtype bfloat16 computes with bfloat16 copies of the float32 weights
+    assert ranks[0]["fsdp_init"]["compute_dtypes"] == ["torch.float32"]
+    assert ranks[0]["fsdp_bf16"]["compute_dtypes"] == ranks[1]["fsdp_bf16"]["compute_dtypes"] == ["torch.bfloat16"]
+    assert first_val_loss(tmp_path / "fsdp_bf16") == pytest.approx(started, rel=0.02)
     assert len(list((tmp_path / "cut" / "ckpt.dcp").glob("*.distcp"))) == 2  # each process wrote its own shards
 
     # The same global batch in one process, with the processes' arithmetic: one thread. (Matmuls split
