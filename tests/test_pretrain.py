@@ -23,7 +23,7 @@ from conftest import run_in_process
 import pretrain
 import tokenizer
 from load_gpt2 import export_hf, load_model
-from model import GPT, get_config, load_checkpoint
+from model import GPT, get_config, load_checkpoint, missing_compiler
 
 
 
@@ -169,6 +169,25 @@ def test_a_real_torchrun_launch_trains_as_one_process_with_the_same_global_batch
     assert [r["step"] for r in records] == [0, 2]  # one writer: no line twice
     assert records[-1]["val_loss"] == pytest.approx(one["val_loss"], rel=1e-5)
     assert result.stdout.count("step      2/2") == 1
+
+
+@pytest.mark.skipif(missing_compiler(torch.device("cpu")) is not None, reason="no C++ compiler for torch.compile")
+def test_compile_trains_the_whole_model_compiled_with_eagers_losses(verdict_tokens, tmp_path, monkeypatch):
+    """--compile: training steps, evaluation and the saved checkpoint go through a compiled model, and the
+    losses are eager's up to kernel rounding; the checkpoint's keys are the plain model's."""
+    compiled_calls = []
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compiled_calls.append(model) or real_compile(model, **kw))
+    flags = ["--max-steps", "2", "--eval-every", "2", "--sample-tokens", "0"]
+    _, eager = pretrain.train(tiny_args(verdict_tokens, tmp_path / "eager", *flags))
+    assert compiled_calls == []
+    model, compiled = pretrain.train(tiny_args(verdict_tokens, tmp_path / "compiled", *flags, "--compile"))
+    torch._dynamo.reset()
+    assert compiled_calls == [model]
+    assert compiled["train_losses"] == pytest.approx(eager["train_losses"], rel=1e-4)
+    assert compiled["val_loss"] == pytest.approx(eager["val_loss"], rel=1e-4)
+    saved = torch.load(tmp_path / "compiled" / "ckpt.pt", weights_only=True)["model"]
+    assert set(saved) == set(GPT(get_config("tiny")).state_dict())
 
 
 def first_val_loss(out_dir: Path) -> float:
