@@ -306,8 +306,8 @@ def sequence_nll(model: GPT, documents: Sequence[Sequence[int]], context: int, s
 # Each question becomes one context (the task's description, K solved examples, the question) and one
 # continuation per choice: the choice's text after a space (the harness's target delimiter). The score of
 # a choice is log p(continuation | context), summed over its tokens; the prediction is the highest score
-# (acc), or the highest score per byte of the choice's text (acc_norm: long choices are not punished for
-# their length). MMLU lists the options in the prompt and scores the letters " A".." D".
+# (acc), or the highest score per character of the choice's text (acc_norm, the harness's
+# completion_len = len(choice): long choices are not punished for their length). MMLU lists the options in the prompt and scores the letters " A".." D".
 
 def prompt_text(item: Item) -> str:
     """The question as the model reads it (the harness's doc_to_text)."""
@@ -476,11 +476,11 @@ def shuffled(item: Item, rng: random.Random) -> tuple[Item, list[int]]:
 
 def choice_figures(items: Sequence[Item], scores: Sequence[Sequence[float]],
                    orders: Sequence[Sequence[int]] | None = None) -> dict:
-    """Accuracy from the raw scores and from the scores per byte of each choice's text; with orders (the
+    """Accuracy from the raw scores and from the scores per character of each choice's text; with orders (the
     items were shuffled), predictions are mapped back to the original options first."""
     predictions, norm_predictions = [], []
     for k, (item, s) in enumerate(zip(items, scores)):
-        lengths = [len(text.encode("utf-8")) for text in choice_texts(item)]
+        lengths = [len(text) for text in choice_texts(item)]  # characters, as the harness counts, not bytes
         prediction, norm = argmax(s), argmax([v / n for v, n in zip(s, lengths)])
         if orders is not None:
             prediction, norm = orders[k][prediction], orders[k][norm]

@@ -397,11 +397,23 @@ def compile_for_generation(model: GPT, device: torch.device) -> nn.Module:
     autotuning adds some seconds to the first tokens."""
     if device.type != "cpu":
         return torch.compile(model)
-    # Set globally: passed as options={"freezing": True} (torch 2.13), the int8 scales were left
-    # unfolded and the int8 GEMM failed to lower.
-    torch._inductor.config.freezing = True
+    # Inductor reads freezing from its global config while it traces and compiles, which happens at the
+    # first call and at each recompile, not here; passed as options={"freezing": True} (torch 2.13)
+    # the int8 scales were left unfolded and the int8 GEMM failed to lower. So it is switched on for
+    # the compiled model's calls only: left on, it would freeze every later compile, training too.
     int8 = any(isinstance(m, Int8Linear) for m in model.modules())
-    return torch.compile(model, mode="max-autotune" if int8 else None)
+    compiled = torch.compile(model, mode="max-autotune" if int8 else None)
+    compiled.register_forward_pre_hook(_freezing_on)
+    compiled.register_forward_hook(_freezing_off, always_call=True)
+    return compiled
+
+
+def _freezing_on(module: nn.Module, args: tuple) -> None:
+    torch._inductor.config.freezing = True
+
+
+def _freezing_off(module: nn.Module, args: tuple, output) -> None:
+    torch._inductor.config.freezing = False  # inductor's default
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -13,6 +13,10 @@ with `pytestmark = pytest.mark.needs_files(...)`; subprocess tests need the mark
 @pytest.mark.needs_files("cache/path", ...). A download that fails in-process inside a test or its
 fixtures also becomes a skip. Only tests and .ci/run know about ../shared.
 
+Under CI (CI=true with ../shared present) every file can be had, so a missing one FAILS its test
+instead, and the session fails when any test skips for a reason not in EXPECTED_SKIPS: a green run
+never hides a broken cache or a guard that skips what it should check.
+
 run_in_process runs a stage script's command line in the test's own process (no Python start-up).
 Every test starts from the same random seed.
 """
@@ -96,13 +100,33 @@ def offline_cache(tmp_path_factory) -> Path:
 
 MISSING: dict[str, str] = {}  # cache path -> why it could not be had, filled once per session
 
+# The only reasons a test may skip under CI (each a start of the skip's reason); the README's "Set up"
+# names this list. Everything else that skips there fails the run.
+EXPECTED_SKIPS = (
+    "downloads model weights from the Hugging Face Hub",  # README lines marked download:, unless LLM_TEST_DOWNLOADS=1
+    "no C++ compiler for torch.compile",  # --compile on a CPU needs one; not every machine has it
+)
+
+
+def strict() -> bool:
+    """Under CI with ../shared beside the clone: a file that cannot be had is a failure, not a skip."""
+    return os.environ.get("CI", "").lower() == "true" and SHARED_DATA.is_dir()
+
+
+def unexpected_skips(reasons: list[str]) -> list[str]:
+    """The skip reasons that EXPECTED_SKIPS does not allow."""
+    return [r for r in reasons if not r.removeprefix("Skipped: ").startswith(EXPECTED_SKIPS)]
+
 
 @pytest.fixture(autouse=True)
 def _skip_without_needed_files(request, offline_cache):
     marker = request.node.get_closest_marker("needs_files")
     for relpath in marker.args if marker else ():
         if relpath in MISSING:
-            pytest.skip(f"{relpath} is not available here: {MISSING[relpath]}")
+            reason = f"{relpath} is not available here: {MISSING[relpath]}"
+            if strict():
+                pytest.fail(f"under CI every file must be had: {reason}")
+            pytest.skip(reason)
 
 
 @pytest.fixture(autouse=True)
@@ -114,15 +138,38 @@ def _same_random_numbers_every_run():
 
 
 def _skip_on_download_error():
-    """A download that fails inside a test or its fixtures means a file this machine cannot have."""
+    """A download that fails inside a test or its fixtures means a file this machine cannot have
+    (outside CI; under CI the DownloadError fails the test)."""
     try:
         return (yield)
     except download.DownloadError as e:
+        if strict():
+            raise
         pytest.skip(f"needs a file that cannot be downloaded here: {e}")
 
 
 pytest_runtest_setup = pytest.hookimpl(wrapper=True)(_skip_on_download_error)
 pytest_runtest_call = pytest.hookimpl(wrapper=True)(_skip_on_download_error)
+
+SKIPPED: dict[str, str] = {}  # test id -> the reason it skipped, this session
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and not hasattr(report, "wasxfail"):
+        SKIPPED[report.nodeid] = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+
+
+def pytest_terminal_summary(terminalreporter):
+    wrong = {test: SKIPPED[test] for test in SKIPPED if unexpected_skips([SKIPPED[test]])}
+    if strict() and wrong:
+        terminalreporter.section("skips that CI does not allow (tests/conftest.py EXPECTED_SKIPS)", red=True)
+        for test, reason in wrong.items():
+            terminalreporter.write_line(f"{test}: {reason}")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if strict() and unexpected_skips(list(SKIPPED.values())) and exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def run_in_process(script: str, argv: list[str], capsys) -> tuple[int, str, str]:

@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 
 import evaluate as ev
-import tokenizer as tokenizer_module
 from conftest import REPO
 
 from common import UserError, run_stage
@@ -257,10 +256,33 @@ def test_batches_of_questions_fill_but_never_overflow_the_context(tiny):
         assert got == pytest.approx([ev.loglikelihood(tiny, request.context, k) for k in request.continuations], abs=1e-4)
 
 
-def test_accuracy_norm_divides_by_the_bytes_of_each_choice():
-    item = ev.Item("x", "plain", [], "q", ["é", "longer"], answer=1)  # 2 bytes and 6 bytes
-    figures = ev.choice_figures([item], [[-4.0, -9.0]])
-    assert (figures["accuracy"], figures["accuracy_norm"]) == (0.0, 1.0)  # -2.0 per byte < -1.5 per byte
+def test_accuracy_norm_divides_by_the_characters_of_each_choice():
+    item = ev.Item("x", "plain", [], "q", ["éé", "abc"], answer=1)  # 2 characters (4 bytes), 3 characters (3 bytes)
+    figures = ev.choice_figures([item], [[-3.0, -4.0]])
+    # -1.5 < -1.33 per character picks "abc"; per byte (-0.75 > -1.33) it would pick "éé"
+    assert (figures["accuracy"], figures["accuracy_norm"]) == (0.0, 1.0)
+
+
+def test_choice_matches_lm_evaluation_harness_on_its_own_fixture(tmp_path):
+    """tests/fixtures/make_lm_eval_fixture.py ran the harness (its task's requests, its HFLM, its
+    process_results) on hf_tiny_gpt2 with a byte-level tokenizer; the same model and tokenizer here give
+    the same prompts, log-likelihoods, acc and acc_norm (which differ from a per-byte acc_norm)."""
+    reference = json.loads((FIXTURES / "lm_eval_choice.json").read_text(encoding="utf-8"))
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (model_dir / name).write_bytes((FIXTURES / "hf_tiny_gpt2" / name).read_bytes())
+    (model_dir / "tokenizer.json").write_bytes((FIXTURES / "lm_eval_tokenizer.json").read_bytes())
+    questions = [{k: item[k] for k in ("question", "choices", "answer")} for item in reference["items"]]
+    data = tmp_path / "q.jsonl"
+    data.write_text("".join(json.dumps(q, ensure_ascii=False) + "\n" for q in questions), encoding="utf-8")
+    result = run_cli("choice", "--init", model_dir, "--data", data)
+    for item, ours, theirs in zip(ev.load_questions(data), result["items"], reference["items"]):
+        assert [[ev.context_text(item), " " + c] for c in ev.choice_texts(item)] == theirs["requests"]
+        assert ours["scores"] == pytest.approx(theirs["loglikelihoods"], abs=1e-3)
+    assert result["accuracy"] == pytest.approx(reference["acc"])
+    assert result["accuracy_norm"] == pytest.approx(reference["acc_norm"])
+    assert reference["acc_norm"] != reference["acc_bytes"]  # the fixture tells characters from bytes
 
 
 def test_shuffled_predictions_map_back_to_the_original_options():
@@ -532,14 +554,15 @@ def test_a_judge_taught_to_say_85_gives_85(tmp_path, tok):
     assert (result["judge_mean"], result["judge_unparsed"]) == (85.0, 0)
 
 
-def test_replies_without_a_number_are_counted_never_guessed(tmp_path):
-    result = run_cli("answers", answers_file(tmp_path), "--judge", "random", "--preset", "tiny",
-                     "--judge-max-new-tokens", "4")
-    unparsed = [i for i in result["items"] if i["judge"] is None]
-    assert all(ev.parse_score(i["judge_reply"]) is None for i in unparsed)
-    assert result["judge_unparsed"] == len(unparsed)
-    parsed = [i["judge"] for i in result["items"] if i["judge"] is not None]
-    assert result["judge_mean"] == (sum(parsed) / len(parsed) if parsed else None)
+def test_replies_without_a_number_are_counted_never_guessed(tmp_path, monkeypatch):
+    """The judge's replies as given (the model path itself is the 85-judge test's): a number on the scale
+    is a score, a reply without one or off the scale is counted as unparsed and left out of the mean."""
+    replies = ["Score: 70 out of 100", "I cannot say.", "250"]
+    monkeypatch.setattr(ev, "answer", lambda judge, prompts, *args, **kwargs: replies[:len(prompts)])
+    result = run_cli("answers", answers_file(tmp_path), "--judge", "random", "--preset", "tiny")
+    assert [i["judge_reply"] for i in result["items"]] == replies
+    assert [i["judge"] for i in result["items"]] == [70.0, None, None]
+    assert (result["judge_mean"], result["judge_unparsed"]) == (70.0, 2)
 
 
 def test_an_answers_file_missing_a_field_names_it(tmp_path):
@@ -618,8 +641,6 @@ def test_the_script_runs_on_its_own(tmp_path):
 
 
 @pytest.mark.needs_files("hf/mistralai/Mistral-7B-v0.1/tokenizer.model")
-@pytest.mark.skipif(not hasattr(tokenizer_module, "load_tokenizer"), reason="tokenizer.load_tokenizer (SentencePiece) "
-                    "is not in this checkout yet")
 def test_a_mistral_family_model_with_its_own_tokenizer(tmp_path):
     data = write_jsonl(tmp_path / "q.jsonl", plain_items(3))
     (tmp_path / "t.txt").write_text(MEMORY_TEXT * 3)
@@ -628,3 +649,15 @@ def test_a_mistral_family_model_with_its_own_tokenizer(tmp_path):
     assert len(run_cli("choice", *common, "--data", data)["items"]) == 3
     assert run_cli("memorization", *common, "--data", tmp_path / "t.txt", "--prefix", "4", "--suffix", "4",
                    "--samples", "5")["samples"] == 5
+
+
+@pytest.mark.needs_files("gpt2/encoder.json", "gpt2/vocab.bpe", "text/the-verdict.txt")
+def test_evaluate_with_no_subcommand_measures_perplexity_on_the_verdict(offline_cache, tok):
+    """`python evaluate.py` alone: GPT-2's perplexity on "The Verdict" (the model swapped for a tiny random
+    one here, as the real run downloads GPT-2's weights)."""
+    args = ev.parse_args([])
+    assert (args.command, args.init, args.data) == ("perplexity", "gpt2", None)
+    args.init, args.preset = "random", "tiny"
+    result = ev.main(args)
+    verdict = (offline_cache / "text" / "the-verdict.txt").read_text(encoding="utf-8")
+    assert result["tokens"] == len(tok.encode_ordinary(verdict)) and math.isfinite(result["perplexity"])

@@ -18,7 +18,7 @@ import templates
 from common import RunLock, UserError, run_stage
 from download import DownloadError
 from load_gpt2 import load_model, tokenizer_for
-from model import PRESETS, load_checkpoint
+from model import load_checkpoint
 from tokenizer import get_tokenizer
 
 
@@ -439,8 +439,6 @@ def test_phi3_markers_become_special_ids_and_stop_answers():
 @pytest.mark.parametrize("preset, template", [("mistral-tiny", "mistral"), ("phi-3-tiny", "phi3")])
 def test_a_family_model_trains_and_answers_with_its_template(tmp_path, data_file, monkeypatch, preset, template):
     """Rotary positions, grouped-query attention, RMSNorm, a BOS: nothing in the stage assumes GPT-2."""
-    if preset not in PRESETS:
-        pytest.skip(f"model.py has no {preset} preset yet")
     monkeypatch.setattr(fi, "tokenizer_for", lambda extra: ByteTokenizer())
     args = fi.parse_args(["--init", "random", "--preset", preset, "--data", str(data_file), "--out-dir",
                           str(tmp_path / "out"), "--epochs", "1", "--max-new-tokens", "6", "--answer-batch-size", "1"])
@@ -458,20 +456,15 @@ def test_a_family_model_trains_and_answers_with_its_template(tmp_path, data_file
 @pytest.mark.parametrize("preset, template", [("mistral-tiny", "mistral"), ("phi-3-tiny", "phi3")])
 @pytest.mark.needs_files("hf/mistralai/Mistral-7B-v0.1/tokenizer.model")
 def test_a_family_model_trains_with_its_own_template_and_tokenizer(tmp_path, data_file, preset, template):
-    if preset not in PRESETS:
-        pytest.skip(f"model.py has no {preset} preset yet")
     model, extra = load_model("random", preset=preset)
-    try:
-        tok = tokenizer_for(extra)
-    except UserError as e:  # the families' tokenizer readers are still being added
-        pytest.skip(f"no tokenizer for {preset} yet: {e}")
-    if extra["model_type"] == "gpt2" or tok.n_vocab > model.config.vocab_size:
-        pytest.skip(f"load_model does not yet give {preset} its family's card and tokenizer")
+    tok = tokenizer_for(extra)
+    assert extra["model_type"] == {"mistral-tiny": "mistral", "phi-3-tiny": "phi3"}[preset]
+    assert tok.n_vocab <= model.config.vocab_size
     metrics = fi.main(fi.parse_args(["--init", "random", "--preset", preset, "--data", str(data_file),
                                      "--out-dir", str(tmp_path / "out"), "--epochs", "1", "--max-new-tokens", "4"]))
     assert metrics["template"] == template and metrics["data"]["truncated"] == 0
     example, _ = data.make_example(tok, templates.TEMPLATES[template], FACTS[0], 256)
-    assert example.ids[0] == (tok.bos_id if tok.bos_id is not None else example.ids[0])
+    assert tok.bos_id == 1 and example.ids[0] == tok.bos_id  # both families start with <s>
     assert example.ids[-1] == tok.eos_id
     _, saved = load_checkpoint(tmp_path / "out" / fi.MODEL_FILE)
     assert saved["template"] == template and saved["model_type"] == extra["model_type"]

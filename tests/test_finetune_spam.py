@@ -3,6 +3,9 @@
 Everything runs on the "tiny" preset with random weights and a small synthetic dataset in the real
 file's format, offline (conftest.py seeds the download cache with the real SMSSpamCollection)."""
 import copy
+import os
+import signal
+import threading
 import subprocess
 import sys
 import zipfile
@@ -293,3 +296,29 @@ def test_a_second_run_into_the_same_folder_stops_at_once(tmp_path, data_file):
     with RunLock(tmp_path / "out"):
         with pytest.raises(UserError, match="is in use by another run"):
             fs.main(tiny_args(tmp_path, data_file))
+
+
+def test_ctrl_c_on_the_command_line_saves_the_best_epoch_and_exits_130(tmp_path, data_file):
+    """Ctrl-C after an epoch: the best weights so far are saved, the run says how to go on, exit 130."""
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, str(REPO / "finetune_spam.py"), "--init", "random", "--preset", "tiny",
+                             "--data", str(data_file), "--out-dir", str(out), "--epochs", "1000", "--eval-every", "10"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    watchdog = threading.Timer(180, proc.kill)  # a run that never reaches its first epoch fails, never hangs
+    watchdog.start()
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("epoch 1/1000"):
+                proc.send_signal(signal.SIGINT)
+                break
+        rest, stderr = proc.communicate(timeout=120)
+    finally:
+        watchdog.cancel()
+        proc.kill()
+    assert proc.returncode == 130 and "Traceback" not in stderr, "".join(lines) + rest + stderr
+    assert "Ctrl-C: stopped in epoch" in rest and "continue with the same command plus --resume" in rest
+    model, extra = load_checkpoint(out / "classifier.pt")
+    assert model.config.num_classes == 2

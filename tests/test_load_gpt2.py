@@ -624,3 +624,25 @@ def test_cli_export_needs_force_to_replace_a_model(tmp_path, capsys):
     assert (tmp_path / "hf" / "model.safetensors").read_bytes() == before
     assert run_in_process("load_gpt2.py", [*args, "--force"], capsys)[0] == 0
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == ["PhiForCausalLM"]
+
+
+# ---- every family's export, as transformers read it ------------------------------------------------
+
+EXPORTS = json.loads((Path(__file__).resolve().parent / "fixtures" / "exports_in_transformers.json").read_text())
+
+
+@pytest.mark.parametrize("family", sorted(EXPORTS["families"]))
+def test_every_familys_export_is_what_transformers_loaded_with_our_logits(family, tmp_path):
+    """tests/fixtures/make_export_fixture.py exported each family's tiny fixture with export_hf and loaded
+    it with transformers' AutoModelForCausalLM. Today's export must write the same config.json, and
+    our model the logits transformers computed from it: then transformers still reads the export."""
+    reference = EXPORTS["families"][family]
+    model, card = load_model(str(Path(__file__).resolve().parent / "fixtures" / f"hf_tiny_{family}"))
+    export_hf(model, tmp_path / family, card)
+    assert json.loads((tmp_path / family / "config.json").read_text()) == reference["config"]
+    again, _ = load_model(str(tmp_path / family))
+    with torch.no_grad():
+        logits = again.eval()(torch.tensor([reference["input_ids"]]))[0][0]  # (T, vocab)
+    torch.testing.assert_close(logits[:, :EXPORTS["logit_columns"]], torch.tensor(reference["logits"]),
+                               rtol=1e-4, atol=1e-4)
+    assert logits.argmax(-1).tolist() == reference["argmax"]

@@ -8,6 +8,8 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -16,13 +18,15 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from conftest import run_in_process
+
 import common
 import corpus
 import distributed
 import pretrain
 import tokenizer
 from load_gpt2 import export_hf, load_model
-from model import GPT, get_config, load_checkpoint
+from model import GPT, get_config, load_checkpoint, missing_compiler
 
 
 
@@ -137,22 +141,108 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(verdict
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] >= 1
 
 
+def test_dtype_bfloat16_trains_in_bfloat16_autocast_on_a_cpu(verdict_tokens, tmp_path):
+    """--dtype bfloat16 on a CPU: the forward passes run in bfloat16 (the losses move by its rounding,
+    not more), the weights and the checkpoint stay float32."""
+    _, fp32 = pretrain.train(tiny_args(verdict_tokens, tmp_path / "fp32", "--max-steps", "3", "--sample-tokens", "0"))
+    model, bf16 = pretrain.train(tiny_args(verdict_tokens, tmp_path / "bf16", "--max-steps", "3", "--sample-tokens", "0",
+                                           "--dtype", "bfloat16"))
+    assert bf16["train_losses"] != fp32["train_losses"]
+    assert bf16["train_losses"] == pytest.approx(fp32["train_losses"], rel=0.02)
+    saved = torch.load(tmp_path / "bf16" / "ckpt.pt", weights_only=True)["model"]
+    assert {p.dtype for p in model.parameters()} == {t.dtype for t in saved.values()} == {torch.float32}
+
+
+def test_a_real_torchrun_launch_trains_as_one_process_with_the_same_global_batch(verdict_tokens, tmp_path):
+    """torchrun itself (--standalone: it picks its own free port), two CPU processes: the same losses as
+    one process with --grad-accum 2, and one set of files, written by rank 0."""
+    common_flags = ["--data", str(verdict_tokens), "--preset", "tiny", "--block-size", "32", "--batch-size", "4",
+                    "--max-steps", "2", "--warmup-steps", "1", "--eval-every", "2", "--eval-batches", "2",
+                    "--sample-tokens", "0", "--device", "cpu"]
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             str(REPO / "pretrain.py"), *common_flags, "--out-dir", str(tmp_path / "torchrun")],
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the processes' arithmetic (see the test below)
+    try:
+        _, one = pretrain.train(pretrain.parse_args([*common_flags, "--grad-accum", "2", "--out-dir", str(tmp_path / "one")]))
+    finally:
+        torch.set_num_threads(threads)
+    records = [json.loads(line) for line in (tmp_path / "torchrun" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 2]  # one writer: no line twice
+    assert records[-1]["val_loss"] == pytest.approx(one["val_loss"], rel=1e-5)
+    assert result.stdout.count("step      2/2") == 1
+
+
+@pytest.mark.skipif(missing_compiler(torch.device("cpu")) is not None, reason="no C++ compiler for torch.compile")
+def test_compile_trains_the_whole_model_compiled_with_eagers_losses(verdict_tokens, tmp_path, monkeypatch):
+    """--compile: training steps, evaluation and the saved checkpoint go through a compiled model, and the
+    losses are eager's up to kernel rounding; the checkpoint's keys are the plain model's."""
+    compiled_calls = []
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compiled_calls.append(model) or real_compile(model, **kw))
+    flags = ["--max-steps", "2", "--eval-every", "2", "--sample-tokens", "0"]
+    _, eager = pretrain.train(tiny_args(verdict_tokens, tmp_path / "eager", *flags))
+    assert compiled_calls == []
+    model, compiled = pretrain.train(tiny_args(verdict_tokens, tmp_path / "compiled", *flags, "--compile"))
+    torch._dynamo.reset()
+    assert compiled_calls == [model]
+    assert compiled["train_losses"] == pytest.approx(eager["train_losses"], rel=1e-4)
+    assert compiled["val_loss"] == pytest.approx(eager["val_loss"], rel=1e-4)
+    saved = torch.load(tmp_path / "compiled" / "ckpt.pt", weights_only=True)["model"]
+    assert set(saved) == set(GPT(get_config("tiny")).state_dict())
+
+
+def first_val_loss(out_dir: Path) -> float:
+    """The val_loss a run logged before its first step (metrics.jsonl's first record)."""
+    return json.loads((out_dir / "metrics.jsonl").read_text().splitlines()[0])["val_loss"]
+
+
+def test_a_run_from_a_checkpoint_starts_at_that_checkpoints_validation_loss(verdict_tokens, tmp_path):
+    """--init CHECKPOINT trains on from those weights: before its first step the new run measures the
+    checkpoint's own validation loss (same windows), far below a random model's."""
+    pretrain.train(tiny_args(verdict_tokens, tmp_path / "a", "--max-steps", "6", "--lr", "3e-3", "--sample-tokens", "0"))
+    saved = torch.load(tmp_path / "a" / "best.pt", weights_only=True)["val_loss"]
+    pretrain.train(pretrain.parse_args(["--data", str(verdict_tokens), "--init", str(tmp_path / "a" / "best.pt"),
+                                        "--out-dir", str(tmp_path / "b"), "--block-size", "32", "--batch-size", "4",
+                                        "--max-steps", "1", "--eval-batches", "2", "--sample-tokens", "0",
+                                        "--device", "cpu"]))
+    assert first_val_loss(tmp_path / "b") == pytest.approx(saved, rel=1e-5)
+    assert saved < first_val_loss(tmp_path / "a") - 0.5  # six steps moved the loss well away from random
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, runs: list[tuple[str, list[str], int, int | None]], out: str) -> None:
+def _shared_port(rank: int, out: str, name: str) -> int:
+    """A free port for one run, found by rank 0 just before the run starts and handed to the other
+    process through a file (found long before, another program could take it in between)."""
+    path = Path(out) / f"{name}.port"
+    if rank == 0:
+        common.atomic_write(path, str(_free_port()))
+    deadline = time.monotonic() + 60
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank 0 never chose a port for {name}")
+        time.sleep(0.05)
+    return int(path.read_text())
+
+
+def _worker(rank: int, world_size: int, runs: list[tuple[str, list[str], int | None]], out: str) -> None:
     """One of torchrun's processes, by hand: the same environment variables, then pretrain.train once per
-    run (each on its own port). interrupt_at: rank 0 gets a Ctrl-C during that training step."""
+    run (each on its own port). interrupt_at: rank 0 gets a Ctrl-C during that training step. Records
+    the dtype the first block's weights have while it computes (FSDP's mixed precision)."""
     import os
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1")
     torch.set_num_threads(1)  # 2 processes on 2 cores
-    real_step, results = pretrain.train_step, {}
-    for name, argv, port, interrupt_at in runs:
-        os.environ["MASTER_PORT"] = str(port)
-        calls = []
+    real_step, real_shard, results = pretrain.train_step, distributed.shard, {}
+    for name, argv, interrupt_at in runs:
+        os.environ["MASTER_PORT"] = str(_shared_port(rank, out, name))
+        calls, compute_dtypes = [], set()
 
         def step_with_ctrl_c(*args, **kwargs):
             calls.append(1)
@@ -160,14 +250,33 @@ def _worker(rank: int, world_size: int, runs: list[tuple[str, list[str], int, in
                 signal.raise_signal(signal.SIGINT)  # what Ctrl-C does; the step still finishes
             return real_step(*args, **kwargs)
 
-        pretrain.train_step = step_with_ctrl_c
+        def shard_and_watch(gpt, device, dtype):
+            real_shard(gpt, device, dtype)
+            gpt.transformer.h[0].register_forward_pre_hook(  # runs after FSDP's own, which gathers the weights
+                lambda block, inputs: compute_dtypes.add(str(next(block.parameters()).dtype)))
+            return gpt
+
+        pretrain.train_step, distributed.shard = step_with_ctrl_c, shard_and_watch
         model, results[name] = pretrain.train(pretrain.parse_args(argv))
         results[name]["weights_sum"] = sum(p.to_local().double().sum().item() if hasattr(p, "to_local")
                                            else p.double().sum().item() for p in model.parameters())
+        results[name]["compute_dtypes"] = sorted(compute_dtypes)
     torch.save(results, f"{out}/rank{rank}.pt")
 
 
-def test_two_gloo_processes_ddp_and_fsdp_agree_with_one_process(verdict_tokens, tmp_path):
+def spawn_with_deadline(worker, args: tuple, nprocs: int, seconds: float) -> None:
+    """mp.spawn, but processes still running after `seconds` (a collective waiting for a dead peer)
+    are killed and the test fails."""
+    context = mp.spawn(worker, args=args, nprocs=nprocs, join=False)
+    deadline = time.monotonic() + seconds
+    while not context.join(timeout=1):  # raises if a process failed
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the {nprocs} processes were still running after {seconds} s")
+
+
+def test_two_gloo_processes_ddp_and_fsdp_agree_with_one_process(verdict_tokens, tmp_path, capsys):
     """Two CPU processes (gloo), 4 steps of the tiny model: DDP equals one process with the same global
     batch; FSDP's losses equal DDP's while each process holds half the weights and optimizer state;
     activation checkpointing leaves the losses alone; an FSDP run interrupted at step 2 and resumed by
@@ -177,14 +286,30 @@ def test_two_gloo_processes_ddp_and_fsdp_agree_with_one_process(verdict_tokens, 
               "--max-steps", "4", "--warmup-steps", "1", "--eval-every", "2", "--eval-batches", "3",
               "--sample-tokens", "4", "--device", "cpu"]
     fsdp = [*common, "--strategy", "fsdp"]
-    runs = [("ddp", [*common, "--out-dir", str(tmp_path / "ddp")], _free_port(), None),
-            ("fsdp", [*fsdp, "--out-dir", str(tmp_path / "fsdp")], _free_port(), None),
-            ("fsdp_ac", [*fsdp, "--activation-checkpointing", "--out-dir", str(tmp_path / "fsdp_ac")], _free_port(), None),
-            ("cut", [*fsdp, "--out-dir", str(tmp_path / "cut")], _free_port(), 2)]
-    mp.spawn(_worker, args=(2, runs, str(tmp_path)), nprocs=2)
+    # A checkpoint to start from (--init): the DDP and FSDP runs from it must begin at its val_loss
+    pretrain.train(pretrain.parse_args([*common, "--max-steps", "3", "--lr", "3e-3", "--sample-tokens", "0",
+                                        "--out-dir", str(tmp_path / "start")]))
+    start = ["--init", str(tmp_path / "start" / "best.pt"), *common[:2], *common[4:], "--max-steps", "1"]  # no --preset
+    runs = [("ddp", [*common, "--out-dir", str(tmp_path / "ddp")], None),
+            ("ddp_init", [*start, "--out-dir", str(tmp_path / "ddp_init")], None),
+            ("fsdp_init", [*start, "--strategy", "fsdp", "--out-dir", str(tmp_path / "fsdp_init")], None),
+            ("fsdp_bf16", [*start, "--strategy", "fsdp", "--dtype", "bfloat16", "--out-dir", str(tmp_path / "fsdp_bf16")],
+             None),
+            ("fsdp", [*fsdp, "--out-dir", str(tmp_path / "fsdp")], None),
+            ("fsdp_ac", [*fsdp, "--activation-checkpointing", "--out-dir", str(tmp_path / "fsdp_ac")], None),
+            ("cut", [*fsdp, "--out-dir", str(tmp_path / "cut")], 2)]
+    spawn_with_deadline(_worker, (2, runs, str(tmp_path)), nprocs=2, seconds=600)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     ddp, fsdp_run, fsdp_ac, cut = (ranks[0][name] for name in ("ddp", "fsdp", "fsdp_ac", "cut"))
     assert cut["interrupted"] and cut["step"] == 2
+    started = torch.load(tmp_path / "start" / "best.pt", weights_only=True)["val_loss"]
+    assert started < first_val_loss(tmp_path / "start") - 0.3
+    for name in ("ddp_init", "fsdp_init"):
+        assert first_val_loss(tmp_path / name) == pytest.approx(started, rel=1e-5), name
+    # FSDP's mixed precision: --dtype bfloat16 computes with bfloat16 copies of the float32 weights
+    assert ranks[0]["fsdp_init"]["compute_dtypes"] == ["torch.float32"]
+    assert ranks[0]["fsdp_bf16"]["compute_dtypes"] == ranks[1]["fsdp_bf16"]["compute_dtypes"] == ["torch.bfloat16"]
+    assert first_val_loss(tmp_path / "fsdp_bf16") == pytest.approx(started, rel=0.02)
     assert len(list((tmp_path / "cut" / "ckpt.dcp").glob("*.distcp"))) == 2  # each process wrote its own shards
 
     # The same global batch in one process, with the processes' arithmetic: one thread. (Matmuls split
@@ -219,7 +344,8 @@ def test_two_gloo_processes_ddp_and_fsdp_agree_with_one_process(verdict_tokens, 
     assert resumed["val_loss"] == pytest.approx(fsdp_run["val_loss"], rel=1e-5)
 
     # The sharded best weights as one file: the model FSDP evaluated, readable by every stage.
-    distributed.consolidate(tmp_path / "fsdp" / "best.dcp")
+    code, _, stderr = run_in_process("pretrain.py", ["--consolidate", str(tmp_path / "fsdp" / "best.dcp")], capsys)
+    assert code == 0, stderr
     best, extra = load_model(str(tmp_path / "fsdp" / "best.pt"))
     assert extra["model_type"] == "gpt2" and extra["step"] == 4
     val_tokens = pretrain.load_splits(verdict_tokens, 32, 50257, tokenizer.get_tokenizer(), "gpt2")[1]
@@ -257,12 +383,8 @@ def test_script_end_to_end_with_the_default_corpus_ctrl_c_and_resume(tmp_path):
     # A long run, stopped by Ctrl-C once it has printed its step-2 progress line.
     proc = subprocess.Popen([sys.executable, str(REPO / "pretrain.py"), *flags, "--max-steps", "1000"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith("step      2/1000"):
-            proc.send_signal(signal.SIGINT)
-            break
+    lines = lines_until(proc, "step      2/1000")
+    proc.send_signal(signal.SIGINT)
     rest, stderr = proc.communicate(timeout=120)
     lines += rest.splitlines()
     assert proc.returncode == 130 and "Traceback" not in stderr, stderr
@@ -398,6 +520,22 @@ def _pretrain_process(*flags: str) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
+def lines_until(proc: subprocess.Popen, prefix: str, seconds: float = 300) -> list[str]:
+    """proc's stdout lines up to the first that starts with prefix; a process that has not printed it
+    within `seconds` is killed (its stdout then ends) and the test fails instead of waiting for ever."""
+    watchdog = threading.Timer(seconds, proc.kill)
+    watchdog.start()
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith(prefix):
+                return lines
+    finally:
+        watchdog.cancel()
+    pytest.fail(f"no line starting {prefix!r} within {seconds} s; the output was:\n{''.join(lines)[-2000:]}")
+
+
 def test_a_second_run_into_a_busy_folder_stops_at_once_and_a_killed_runs_lock_is_taken_over(verdict_tokens, tmp_path):
     out = tmp_path / "run"
     flags = ["--data", str(verdict_tokens), "--preset", "tiny", "--block-size", "32", "--batch-size", "2",
@@ -405,9 +543,7 @@ def test_a_second_run_into_a_busy_folder_stops_at_once_and_a_killed_runs_lock_is
              "--out-dir", str(out), "--device", "cpu"]
     first = _pretrain_process(*flags, "--max-steps", "100000")
     try:
-        for line in first.stdout:  # wait until the first run has a checkpoint to resume
-            if line.startswith("step      2/"):
-                break
+        lines_until(first, "step      2/")  # the first run has a checkpoint to resume
         second = run_script(*flags, "--max-steps", "100000")
         assert second.returncode == 1 and "Traceback" not in second.stderr
         lines = second.stderr.strip().splitlines()
@@ -489,8 +625,6 @@ def test_resume_keeps_the_runs_tokenizer(verdict_tokens, tmp_path):
         pretrain.train(tiny_args(verdict_tokens, tmp_path, "--resume", "--max-steps", "2"))
 
 
-@pytest.mark.skipif(not hasattr(tokenizer, "load_tokenizer"),
-                    reason="tokenizer.py's SentencePiece reader (load_tokenizer) is not in this checkout yet")
 def test_mistral_tiny_trains_with_its_own_tokenizer_from_random_and_from_a_hub_folder(tmp_path, offline_cache):
     """Mistral's maths and its 32,000-token SentencePiece vocabulary: the corpus is tokenized with it
     (its own token folder), and the Hub-layout export (weights, config.json, tokenizer.model) trains too."""

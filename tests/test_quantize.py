@@ -122,6 +122,7 @@ def test_compiled_int8_linear_matches_eager():
         compiled = G.compile_for_generation(layer, torch.device("cpu"))(x)
         eager = layer(x)
     torch.testing.assert_close(compiled, eager, rtol=0.02, atol=0.02 * eager.abs().max().item())
+    assert torch._inductor.config.freezing is False  # on only while the compiled model runs, never left on
     torch._dynamo.reset()
 
 
@@ -167,12 +168,16 @@ def test_an_int8_decoding_step_compiles_as_one_graph(pair):
     """A graph break inside Int8Linear (once: the alignment check reads data_ptr) leaves its products
     to eager kernels between compiled pieces, and --compile then gains nothing."""
     preset, _, int8 = pair
-    cache = M.KVCache(int8.config, 1, 8)
     step = torch.compile(int8, fullgraph=True, backend="eager")  # fullgraph: a graph break is an error
-    with torch.inference_mode():
-        step(sample_ids(int8, 1, 4), kv_cache=cache, cache_positions=torch.arange(4), last_only=True)
-        step(sample_ids(int8, 1, 1), kv_cache=cache, cache_positions=torch.tensor([4]), last_only=True)
+    outputs = []
+    for model in (step, int8):
+        cache = M.KVCache(int8.config, 1, 8)
+        with torch.inference_mode():
+            model(sample_ids(int8, 1, 4), kv_cache=cache, cache_positions=torch.arange(4), last_only=True)
+            outputs.append(model(sample_ids(int8, 1, 1), kv_cache=cache, cache_positions=torch.tensor([4]),
+                                 last_only=True)[0])
     torch._dynamo.reset()
+    torch.testing.assert_close(outputs[0], outputs[1])
 
 
 def test_int8_cached_greedy_equals_int8_recomputed(pair):
@@ -198,7 +203,17 @@ def test_bfloat16_decoding_on_cpu_matches_float32_closely(preset):
     assert (got - want).abs().mean() <= 0.02 * want.std()
     assert (want.argmax(-1) == got.argmax(-1)).float().mean() >= 0.9
     tokens = torch.stack(list(G.generate(bf16, ids[:1, :10], 8, temperature=0)), dim=1)  # KV cache in bf16
-    assert tokens.shape == (1, 8) and 0 <= tokens.min() and tokens.max() < fp32.config.vocab_size
+    # Each cached greedy token is the top logit of a bf16 pass over the whole sequence, up to rounding,
+    # and each cached step's logits are that pass's
+    sequence = torch.cat([ids[:1, :10], tokens], dim=1)  # (1, 18)
+    cache = M.KVCache(bf16.config, 1, 18, dtype=torch.bfloat16)
+    with torch.no_grad():
+        full = bf16(sequence)[0][0].float()  # (18, vocab)
+        steps = [bf16(sequence[:, :10], kv_cache=cache, cache_positions=torch.arange(10))[0][0]]
+        steps += [bf16(sequence[:, t:t + 1], kv_cache=cache, cache_positions=torch.tensor([t]))[0][0] for t in range(10, 18)]
+    gap = full[9:-1].max(-1).values - full[9:-1].gather(-1, tokens[0][:, None])[:, 0]
+    assert (gap <= 0.05 * full.std()).all(), (preset, gap)
+    assert (torch.cat(steps).float() - full).abs().max() <= 0.05 * full.std(), preset
 
 
 def test_a_7b_model_in_int8_needs_about_8_gb():
@@ -251,6 +266,43 @@ def test_main_decodes_every_family_in_little_memory(preset, flags, capsys):
     result = G.main(args)
     assert result["new_tokens"] >= 1 and result["samples"][0].startswith("Once upon a time")
     assert capsys.readouterr().out.startswith("Once upon a time")
+
+
+def models_main_generates_with(monkeypatch, *flags: str) -> tuple[list[nn.Module], dict]:
+    """generate.py's main on the tiny preset, greedy, and the model objects it generated with."""
+    seen, real = [], G.generate_text
+    monkeypatch.setattr(G, "generate_text", lambda model, *rest: seen.append(model) or real(model, *rest))
+    result = G.main(G.parse_args(["--init", "random", "--preset", "tiny", "--device", "cpu", "--prompt", "Once upon",
+                                  "--max-new-tokens", "5", "--temperature", "0", *flags]))
+    return seen, result
+
+
+@pytest.mark.needs_files("gpt2/encoder.json", "gpt2/vocab.bpe")
+def test_main_quantize_int8_generates_with_int8_layers_in_a_third_of_the_bytes(monkeypatch):
+    [plain], _ = models_main_generates_with(monkeypatch)
+    [int8], _ = models_main_generates_with(monkeypatch, "--quantize", "int8")
+    assert not any(isinstance(m, G.Int8Linear) for m in plain.modules())
+    assert sum(isinstance(m, G.Int8Linear) for m in int8.modules()) == 4 * plain.config.n_layer + 1  # and the head
+    assert not any(type(m) is nn.Linear for m in int8.transformer.h.modules())
+    size = lambda m: sum(t.numel() * t.element_size() for t in [*m.parameters(), *m.buffers()])  # noqa: E731
+    assert size(int8) < size(plain) / 3
+
+
+@pytest.mark.needs_files("gpt2/encoder.json", "gpt2/vocab.bpe")
+def test_main_dtype_bfloat16_generates_with_bfloat16_weights(monkeypatch):
+    [model], result = models_main_generates_with(monkeypatch, "--dtype", "bfloat16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16} and result["new_tokens"] == 5
+
+
+@pytest.mark.skipif(M.missing_compiler(torch.device("cpu")) is not None, reason="no C++ compiler for torch.compile")
+@pytest.mark.needs_files("gpt2/encoder.json", "gpt2/vocab.bpe")
+def test_main_compile_decodes_the_whole_model_compiled_as_eager_does(monkeypatch):
+    [eager], expected = models_main_generates_with(monkeypatch)
+    [compiled], result = models_main_generates_with(monkeypatch, "--compile")
+    torch._dynamo.reset()
+    assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule) and compiled._orig_mod is not eager
+    assert result["samples"] == expected["samples"] and result["new_tokens"] == 5
+    assert torch._inductor.config.freezing is False  # later compiles (training) must not freeze weights
 
 
 @pytest.mark.needs_files("gpt2/encoder.json", "gpt2/vocab.bpe")

@@ -1,7 +1,10 @@
 """The README's quick-start lines run as written, in order, from a fresh folder, the way a new user
 types them; each gets flags appended that only make it small (fewer steps, a smaller model, shorter
 answers). Lines marked "download:" fetch model weights from the Hub, which a test cannot do here:
-they are skipped with that reason unless LLM_TEST_DOWNLOADS=1."""
+they are skipped with that reason unless LLM_TEST_DOWNLOADS=1. A line that reads what an earlier line
+writes (out/pretrain, out/hf, the spam classifier, out/instruct-mini) runs that line first if it has not
+run, so each line's test stands alone; and each line's test checks what the line is for, not only its
+exit code. Only the Mistral lines need Mistral's tokenizer."""
 import os
 import re
 import shutil
@@ -16,10 +19,10 @@ from conftest import REPO
 import download
 
 
-pytestmark = pytest.mark.needs_files("gpt2/encoder.json", "gpt2/vocab.bpe", "text/tinyshakespeare.txt",
-                                     "text/the-verdict.txt", "sms_spam/SMSSpamCollection",
-                                     "instruct/instruction-data.json",
-                                     "hf/mistralai/Mistral-7B-v0.1/tokenizer.model")
+FILES = ("gpt2/encoder.json", "gpt2/vocab.bpe", "text/tinyshakespeare.txt", "text/the-verdict.txt",
+         "sms_spam/SMSSpamCollection", "instruct/instruction-data.json")
+MISTRAL = "hf/mistralai/Mistral-7B-v0.1/tokenizer.model"  # only the lines that name Mistral need it
+pytestmark = pytest.mark.needs_files(*FILES)
 
 
 def quick_start_lines() -> list[str]:
@@ -70,11 +73,79 @@ def test_the_quick_start_has_lines_for_every_stage():
                        "finetune_instruct.py", "evaluate.py"}
 
 
-@pytest.mark.parametrize("line", LINES, ids=range(len(LINES)))
-def test_quick_start_line_runs_as_written(workdir, line):
-    if "download:" in line and os.environ.get("LLM_TEST_DOWNLOADS") != "1":
-        pytest.skip("downloads model weights from the Hugging Face Hub (set LLM_TEST_DOWNLOADS=1 to run it)")
+def prerequisites(line: str) -> list[str]:
+    """The earlier lines whose files this line reads."""
+    def first(*words: str) -> str:
+        return next(earlier for earlier in LINES if all(w in earlier for w in words))
+    needed = []
+    if "pretrain.py --resume" in line or "--init out/pretrain/" in line:
+        needed.append(first("python pretrain.py "))
+    if "--init out/hf" in line:
+        needed.append(first("--export out/hf"))
+    if "finetune_spam.py --predict" in line:
+        needed.append(first("finetune_spam.py --init random"))
+    if "out/instruct-mini/" in line:
+        needed.append(first("finetune_instruct.py", "--out-dir out/instruct-mini"))
+    return needed
+
+
+def check_output(line: str, result: subprocess.CompletedProcess, workdir: Path) -> None:
+    """What the line is for, beyond its exit code."""
+    out = result.stdout
+    if "tokenizer.py prepare" in line:
+        assert list((workdir / "out" / "tokens").rglob("*.bin")), "no token files"
+    elif "tokenizer.py train" in line:
+        assert (workdir / "out" / "bpe.json").is_file()
+    elif "tokenizer.py" in line:
+        assert "It's" in out or "ids" in out, out[-500:]
+    elif "--plan" in line:
+        assert "FLOP" in out or "flop" in out.lower(), out[-500:]
+    elif "pretrain.py" in line:
+        folder = workdir / (re.search(r"--out-dir (\S+)", line).group(1) if "--out-dir" in line else "out/pretrain")
+        records = (folder / "metrics.jsonl").read_text().splitlines()
+        assert (folder / "best.pt").is_file() and records, folder
+    elif "--export" in line:
+        assert (workdir / "out" / "hf" / "config.json").is_file()
+    elif "generate.py" in line:
+        prompt = re.search(r'--prompt "([^"]*)"', line).group(1)
+        assert out.startswith(prompt) and len(out.strip()) > len(prompt), out[-500:]
+    elif "finetune_spam.py --predict" in line:
+        labels = [row.split()[0] for row in out.splitlines() if row.strip()]
+        assert labels and set(labels) <= {"spam", "ham"}, out[-500:]
+    elif "finetune_spam.py" in line:
+        assert list(workdir.glob("out/**/classifier.pt")), "no classifier saved"
+    elif "finetune_instruct.py --checkpoint" in line:
+        assert out.strip(), "no answer"
+    elif "finetune_instruct.py" in line:
+        assert (workdir / "out" / "instruct-mini" / "test-responses.json").is_file()
+    elif "evaluate.py" in line:
+        subcommand = line.split()[2]
+        expected = {"answers": "ROUGE-L", "perplexity": "perplexity", "contamination": "contaminat"}[subcommand]
+        assert expected.lower() in out.lower(), out[-500:]
+
+
+RAN: dict[str, bool] = {}  # line -> whether it ran and passed, this session
+
+
+def run_line(workdir: Path, line: str) -> None:
+    for earlier in prerequisites(line):
+        if earlier not in RAN:
+            run_line(workdir, earlier)
+        assert RAN[earlier], f"this line needs the earlier line `{earlier}`, which failed"
     command = small(line).replace("python ", f"{sys.executable} ")
+    RAN[line] = False
     result = subprocess.run(["bash", "-c", command], cwd=workdir, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"{command}\nstdout: {result.stdout[-2000:]}\nstderr: {result.stderr[-2000:]}"
     assert "Traceback" not in result.stderr
+    check_output(line, result, workdir)
+    RAN[line] = True
+
+
+@pytest.mark.parametrize("line", [pytest.param(line, marks=pytest.mark.needs_files(*FILES, MISTRAL)) if "mistral" in line.lower()
+                                  else line for line in LINES], ids=range(len(LINES)))
+def test_quick_start_line_runs_as_written(workdir, line):
+    if "download:" in line and os.environ.get("LLM_TEST_DOWNLOADS") != "1":
+        pytest.skip("downloads model weights from the Hugging Face Hub (set LLM_TEST_DOWNLOADS=1 to run it)")
+    if line not in RAN:  # a later line may have run it already as its prerequisite
+        run_line(workdir, line)
+    assert RAN[line], "this line failed when a later line's test ran it first, as that line's prerequisite"
