@@ -105,6 +105,7 @@ MISSING: dict[str, str] = {}  # cache path -> why it could not be had, filled on
 EXPECTED_SKIPS = (
     "downloads model weights from the Hugging Face Hub",  # README lines marked download:, unless LLM_TEST_DOWNLOADS=1
     "no C++ compiler for torch.compile",  # --compile on a CPU needs one; not every machine has it
+    "Chromium is not installed",  # serve.py's chat page in a real browser (Debian's chromium package)
 )
 
 
