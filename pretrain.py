@@ -54,7 +54,7 @@ import tokenizer
 from common import (ArgumentParser, RunLock, UserError, atomic_write, clock, non_negative_float, non_negative_int,
                     positive_float, positive_int, run_stage, unit_interval, writable_folder)
 from generate import sample_next
-from load_gpt2 import add_init_args, load_model, model_card, tokenizer_for
+from load_gpt2 import add_init_args, check_preset, load_model, model_card, tokenizer_for
 from model import (DTYPES, GPT, GPTConfig, add_device_args, autocast, get_config, load_checkpoint, missing_compiler,
                    resolve_device, resolve_dtype, save_checkpoint)
 from planner import init_config, make_plan, peak_flops, peak_memory, report_plan
@@ -129,10 +129,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "single-file checkpoint beside it (best.pt, ckpt.pt), which generate.py, the finetunes "
                         "and load_gpt2.py --export read; trains nothing")
     args = p.parse_args(argv)
+    check_preset(p, args.init, args.preset)
     if args.init == "random":
         args.preset = args.preset or "mini"
-    elif args.preset is not None:
-        p.error(f"--preset only applies to --init random; {args.init} brings its own size")
     if args.min_lr > args.lr:
         p.error(f"--min-lr {args.min_lr} is above --lr {args.lr}; the schedule decays from --lr down to --min-lr")
     if args.strategy == "fsdp" and args.dtype == "float16":

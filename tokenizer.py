@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from common import (ArgumentParser, ProgressLine, RunLock, UserError, _number_flag, atomic_write, positive_int,
                     run_stage, unit_interval, writable_file, writable_folder)
-from download import MISTRAL_REPO, fetch
+from download import MISTRAL_REPO, fetch, fetch_all
 
 
 # ----------------------------------------------------------------------------------------------
@@ -372,8 +372,10 @@ class BPETokenizer:
     @classmethod
     def from_gpt2_files(cls, encoder_path: Path | None = None, vocab_path: Path | None = None) -> "BPETokenizer":
         """OpenAI's GPT-2 tokenizer; the two files are downloaded into the cache when not given."""
-        ranks, special = read_gpt2_files(encoder_path or fetch("gpt2/encoder.json"),
-                                         vocab_path or fetch("gpt2/vocab.bpe"))
+        if encoder_path is None or vocab_path is None:
+            cached = fetch_all("GPT-2's BPE files", "gpt2/encoder.json", "gpt2/vocab.bpe")
+            encoder_path, vocab_path = encoder_path or cached[0], vocab_path or cached[1]
+        ranks, special = read_gpt2_files(encoder_path, vocab_path)
         return cls(ranks, special, GPT2_PATTERN)
 
 
@@ -413,7 +415,7 @@ class TiktokenGPT2(tiktoken.Encoding):
 def _build_tokenizer(backend: str) -> "TiktokenGPT2 | BPETokenizer":
     if backend == "scratch":
         return BPETokenizer.from_gpt2_files()
-    ranks, special = read_gpt2_files(fetch("gpt2/encoder.json"), fetch("gpt2/vocab.bpe"))
+    ranks, special = read_gpt2_files(*fetch_all("GPT-2's BPE files", "gpt2/encoder.json", "gpt2/vocab.bpe"))
     # Built from our cached files rather than tiktoken.get_encoding("gpt2"), which would download
     # them again into its own cache.
     return TiktokenGPT2(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
