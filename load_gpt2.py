@@ -36,7 +36,7 @@ from download import (DownloadError, GPT2_ENCODER_SHA256, GPT2_VOCAB_SHA256, HUB
 from model import (GPT, GPTConfig, PRESETS, add_device_args, checkpoint_kind, device_and_dtype, get_config,
                    load_checkpoint, unwrap)
 from safetensors_file import SafetensorsFile, write_safetensors
-from tokenizer import bos, get_tokenizer, load_tokenizer
+from tokenizer import TOKENIZER_FILES, bos, get_tokenizer, load_tokenizer
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -534,7 +534,6 @@ def config_from_shapes(file: SafetensorsFile) -> GPTConfig:
                     f"{', '.join(GPT2_REPOS)}; put the model's config.json next to it")
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # what a folder's own tokenizer is read from
 TOKENIZER_EXTRAS = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt")
 
 
@@ -766,10 +765,7 @@ def tokenizer_path(card_tokenizer: str) -> Path:
     if not path.exists():
         raise UserError(f"the model's tokenizer {path} does not exist; put the model's tokenizer.json or "
                         "tokenizer.model there")
-    if path.is_dir() and not any((path / name).is_file() for name in TOKENIZER_FILES):
-        raise UserError(f"{path} holds no tokenizer (tokenizer.json or tokenizer.model); copy the model's "
-                        "tokenizer files into it")
-    return path
+    return path  # a folder without tokenizer files: load_tokenizer says which files it needs
 
 
 def tokenizer_for(card: dict):
