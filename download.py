@@ -268,7 +268,8 @@ def hub_listing(repo: str) -> dict[str, tuple[int, str | None]]:
         raise DownloadError(f"could not list {repo} on the Hugging Face Hub (HTTP {status})") from None
     except (requests.RequestException, ValueError) as e:
         raise DownloadError(f"could not ask the Hugging Face Hub about {repo} at {url} ({type(e).__name__}); "
-                            "check your network connection") from None
+                            f"check your network connection, or put the repo's files into {cache_dir() / 'hf' / repo}"
+                            ) from None
     files = {}
     for entry in listing if isinstance(listing, list) else []:
         if isinstance(entry, dict) and isinstance(entry.get("path"), str):

@@ -553,6 +553,16 @@ def test_hub_refusals_say_what_to_do(monkeypatch, tmp_path, status, token, messa
     assert "\n" not in str(error.value)
 
 
+def test_offline_a_hub_repo_says_where_its_files_go(monkeypatch, tmp_path):
+    monkeypatch.setenv("LLM_CACHE_DIR", str(tmp_path))
+
+    def offline(*args, **kwargs):
+        raise download.requests.ConnectionError("no network")
+    monkeypatch.setattr(download.requests, "get", offline)
+    with pytest.raises(UserError, match=f"or put the repo's files into {tmp_path / 'hf/acme/tiny'}$"):
+        load_model("acme/tiny")
+
+
 def test_an_unsupported_hub_family_stops_before_the_weights(monkeypatch, tmp_path):
     monkeypatch.setenv("LLM_CACHE_DIR", str(tmp_path / "cache"))
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba"}))
