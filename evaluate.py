@@ -41,7 +41,7 @@ from common import (ArgumentParser, ProgressLine, UserError, atomic_write, non_n
 from corpus import corpus_files, document_ids, load_token_folder, read_blocks, read_text
 from download import fetch
 from generate import answer, generate, left_pad
-from load_gpt2 import add_init_args, load_model, tokenizer_for
+from load_gpt2 import add_init_args, check_preset, load_model, tokenizer_for
 from model import GPT, KVCache, PRESETS, add_device_args, device_and_dtype
 from scoring import exact_match, judge_prompt, parse_score, rouge_l
 from templates import TEMPLATES, default_template, prompt_ids
@@ -1108,8 +1108,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     args = parser.parse_args(argv or ["perplexity"])
     model_flag = {"answers": "judge", "contamination": None}.get(args.command, "init")
-    if model_flag and args.preset is not None and getattr(args, model_flag) != "random":
-        parser.error(f"--preset only applies to --{model_flag} random; {getattr(args, model_flag)} brings its own size")
+    if model_flag:
+        check_preset(parser, getattr(args, model_flag), args.preset, f"--{model_flag}")
     if args.command == "choice" and bool(args.shots) != bool(args.shots_from):
         parser.error("--shots K and --shots-from FILE go together: K solved examples from FILE before each question")
     if args.command == "memorization" and args.layout and not args.shuffle_choices:

@@ -44,7 +44,7 @@ from data import (Example, IGNORE, collate, default_data, length_grouped_batches
                   random_batches, split_entries)
 from download import DownloadError
 from generate import answer
-from load_gpt2 import add_init_args, load_model, model_card, tokenizer_for
+from load_gpt2 import add_init_args, check_preset, load_model, model_card, tokenizer_for
 from model import GPT, add_device_args, add_lora, autocast, device_and_dtype, merge_lora, save_checkpoint
 from templates import TEMPLATES, Template, default_template, prompt_ids
 
@@ -441,8 +441,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "and whether it fits, write OUT_DIR/plan.json, and train nothing (pretrain.py's planner; "
                         "every batch is taken as long as --max-length, else the model's context)")
     args = p.parse_args(argv)
-    if args.preset is not None and args.init != "random":
-        p.error(f"--preset only applies to --init random; {args.init} brings its own size")
+    check_preset(p, args.init, args.preset)
     if args.init == "random" and args.preset is None and not args.ask:
         p.error("--init random needs --preset (for example --preset mini)")
     return args

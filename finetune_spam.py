@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from common import (ArgumentParser, RunLock, UserError, atomic_write, clock, non_negative_float, positive_float,
                     positive_int, refuse_changed_flags, run_stage, writable_folder)
 from download import DownloadError, SMS_SPAM_SHA256, cache_dir, fetch
-from load_gpt2 import add_init_args, load_model, model_card, tokenizer_for
+from load_gpt2 import add_init_args, check_preset, load_model, model_card, tokenizer_for
 from model import GPT, add_device_args, add_lora, autocast, device_and_dtype, merge_lora, save_checkpoint
 from tokenizer_base import bos
 
@@ -596,8 +596,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="classify TEXT with the saved classifier instead of training; repeatable; - reads one "
                         "text per line from stdin")
     args = p.parse_args(argv)
-    if args.preset is not None and args.init != "random":
-        p.error(f"--preset only applies to --init random; {args.init} brings its own size")
+    check_preset(p, args.init, args.preset)
     if args.resume and args.force:
         p.error("--resume continues a run and --force replaces it; choose one")
     return args

@@ -10,10 +10,12 @@ different lengths share a batch by left padding plus an attention mask; each row
 the tokens it would get alone. Decoding one token at a time reads every weight once per token, so
 its speed is set by the bytes of the weights: `--dtype bfloat16` halves them, and `--quantize int8`
 (`Int8Linear`, `quantize_int8`) quarters them; on a CPU, `--quantize int8 --compile` is the fastest
-decoder (`compile_for_generation`). Other stages import `sample_next`, `generate`, `left_pad`,
-`TextStream` and the int8 pieces.
+decoder (`compile_for_generation`). `answer()` is the batched decoding of instruction models that
+finetune_instruct.py and evaluate.py share. Other stages import `sample_next`, `generate`,
+`left_pad`, `TextStream` and the int8 pieces.
 """
 import argparse
+import functools
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 
 from common import (ArgumentParser, UserError, non_negative_float, non_negative_int, positive_float, positive_int,
                     run_stage)
-from load_gpt2 import add_init_args, load_model, tokenizer_for
+from load_gpt2 import add_init_args, check_preset, load_model, tokenizer_for
 from model import GPT, KVCache, add_device_args, autocast, device_and_dtype, missing_compiler
 from templates import Template, stop_ids
 from tokenizer_base import bos
@@ -175,14 +177,13 @@ class Int8Linear(nn.Module):
     to bfloat16 for the product (a relative error of 2^-9, below int8's own) and the result cast back;
     it needs `in` to be a multiple of 16. Its work grows with every row of x, so for a prompt (many rows)
     a block of the matrix at a time is dequantised into the activations' dtype and multiplied by the
-    BLAS kernel instead (here 1.4x faster at 64 rows, 2x at 1,024, in float32); GPUs and MPS always
-    take this path.
+    BLAS kernel instead; GPUs and MPS always take this path.
 
-    Speed: decoding GPT-2 124M on this 2-core CPU, the eager kernel streams int8 weights from memory
-    at ~10 GB/s, against ~25 GB/s for MKL's float32 product, so a quarter of the bytes makes tokens
-    only ~1.1-1.35x faster than float32, not 4x. Compiled (compile_for_generation), inductor swaps in
-    its own GEMM over pre-packed int8 weights and decoding runs >2x float32 (tests/bench.py generate).
-    Nothing in forward() may break the compiled graph, hence no alignment check while compiling."""
+    The eager kernel streams int8 weights from memory more slowly than MKL streams float32 ones, so a
+    quarter of the bytes makes eager decoding only a little faster than float32, not 4x; compiled
+    (compile_for_generation), inductor swaps in its own GEMM over pre-packed int8 weights (the README's
+    Results give the figures, from tests/bench.py generate). Nothing in forward() may break the
+    compiled graph, hence no alignment check while compiling."""
 
     KERNEL_MAX_ROWS = 32  # rows of x (tokens) up to which the CPU int8 kernel beats dequantising
     DEQUANTISE_ELEMENTS = 1 << 24  # the weights dequantised at a time: 64 MB of float32
@@ -195,10 +196,6 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", _aligned(weight))  # (out, in) int8; a buffer: nothing here trains
         self.register_buffer("scales", scales)  # (out,), the model's float dtype
         self.bias = bias
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
-        return cls(*quantize_rows(linear.weight.detach()), linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
@@ -268,15 +265,9 @@ def quantize_int8(model: GPT, quantized: dict[str, tuple[torch.Tensor, torch.Ten
     return model
 
 
-def tensor_bytes(model: nn.Module) -> int:
-    """The bytes of a model's parameters and buffers; a tensor that two modules share (a tied table)
-    counts once. Works on the meta device too, which sizes a model without allocating it."""
-    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
-
-
 def load_for_generation(init: str, *, preset: str | None = None, device: torch.device | str = "cpu",
                         dtype: torch.dtype = torch.float32, quantize: str | None = None) -> tuple[GPT, dict]:
-    """load_model, in int8 when quantize == "int8": the model to generate with, and its extra (the card).
+    """load_model, in int8 when quantize == "int8": the model to generate with, and its card.
 
     For int8, Hub-layout weights are quantised one matrix at a time as they arrive from the file
     (load_model's `loaded` hook), so the whole model never exists in floating point: a 7B model loads
@@ -289,16 +280,19 @@ def load_for_generation(init: str, *, preset: str | None = None, device: torch.d
     if quantize is None:
         return load_model(init, preset=preset, device=device, dtype=dtype)
     quantized: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def to_int8(name: str, tensor: torch.Tensor, module: nn.Module) -> torch.Tensor:
-        if type(module) is nn.Linear and name.endswith(".weight") or name == "transformer.wte.weight":
-            quantized[name] = quantize_rows(tensor)
-            return torch.empty_like(tensor, device="meta")  # the float matrix is freed here
-        return tensor
-
-    model, extra = load_model(init, preset=preset, device=device, dtype=torch.bfloat16, loaded=to_int8)
+    model, card = load_model(init, preset=preset, device=device, dtype=torch.bfloat16,
+                             loaded=functools.partial(_quantize_loaded, quantized))
     quantize_int8(model, quantized).to(dtype)
-    return model, extra
+    return model, card
+
+
+def _quantize_loaded(quantized: dict, name: str, tensor: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """load_model's `loaded` hook for int8: a matrix that quantize_int8 would quantise is quantised
+    into `quantized` as soon as it leaves the file, and the model keeps a meta tensor in its place."""
+    if type(module) is nn.Linear and name.endswith(".weight") or name == "transformer.wte.weight":
+        quantized[name] = quantize_rows(tensor)
+        return torch.empty_like(tensor, device="meta")  # the float matrix is freed here
+    return tensor
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -329,6 +323,34 @@ def _compute_dtype(model: GPT, device: torch.device) -> torch.dtype:
     return next(p.dtype for p in model.parameters() if p.is_floating_point())
 
 
+def cpu_head(model: nn.Module) -> torch.Tensor | None:
+    """The LM head's weight transposed and contiguous, (C, V), when decoding should use it; else None.
+
+    One token at a time, the LM head is the largest matrix read per token (154 MB for GPT-2 124M in
+    float32), and CPU matmul kernels stream a float32 matrix faster as (C, V) than in nn.Linear's
+    (V, C) layout. So a plain GPT decoding on a CPU multiplies by a transposed copy of a float32 head.
+    Not in bfloat16, whose (V, C) product is the faster one, nor for an int8 head (Int8Linear), whose
+    kernel is made for (V, C), nor for a compiled model, whose frozen head inductor packs for its own
+    kernel; GPUs read both layouts at full speed and keep their memory."""
+    if not isinstance(model, GPT) or model.config.num_classes is not None or type(model.lm_head) is not nn.Linear:
+        return None
+    weight = model.lm_head.weight
+    if weight.device.type != "cpu" or weight.dtype != torch.float32:
+        return None
+    return weight.t().contiguous()  # (C, V)
+
+
+def next_logits(model: nn.Module, ids: torch.Tensor, head_t: torch.Tensor | None, **kwargs) -> torch.Tensor:
+    """The logits after the last position of ids (B, T) -> (B, V): model's own head, or with head_t
+    (see cpu_head) the product of model.hidden's last hidden states and head_t, plus the head's bias.
+    kwargs are GPT.forward's (attention_mask, kv_cache, cache_positions)."""
+    if head_t is None:
+        return model(ids, last_only=True, **kwargs)[0][:, -1]
+    logits = model.hidden(ids, **kwargs)[:, -1] @ head_t  # (B, C) @ (C, V)
+    bias = model.lm_head.bias
+    return logits if bias is None else logits + bias
+
+
 @torch.inference_mode()
 def generate(model: GPT, ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
@@ -356,22 +378,13 @@ def generate(model: GPT, ids: torch.Tensor, max_new_tokens: int, *, temperature:
     device = ids.device
     # One slot per token this call will feed the model: the prompt, then every new token but the last.
     cache = KVCache(model.config, B, T + max_new_tokens - 1, device, _compute_dtype(model, device))
-    # One token at a time, the LM head is the largest matrix read per token (154 MB for GPT-2 124M in
-    # fp32), and CPU matmul kernels stream a float32 one much faster as (C, V) than in nn.Linear's (V, C)
-    # layout (MKL here: 8 ms against 14 ms per token). So on a CPU we decode with a transposed copy of a
-    # float32 head. Not in bfloat16, whose (V, C) product is the faster one here (7 ms against 10), nor
-    # for an int8 head (Int8Linear), whose kernel is made for (V, C); GPUs read both layouts at full
-    # speed and keep their memory.
-    head_t = None
-    if device.type == "cpu" and model.config.num_classes is None and type(model.lm_head) is nn.Linear \
-            and model.lm_head.weight.dtype == torch.float32:
-        head_t = model.lm_head.weight.t().contiguous()  # (C, V)
-    logits, _ = model(ids, attention_mask=attention_mask, kv_cache=cache,
-                      cache_positions=torch.arange(T, device=device), last_only=True, head_t=head_t)  # (B, 1, V)
+    head_t = cpu_head(model)
+    logits = next_logits(model, ids, head_t, attention_mask=attention_mask, kv_cache=cache,
+                         cache_positions=torch.arange(T, device=device))  # (B, V)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     streams = [TextStream(decode, stop_strings) for _ in range(B)] if stop_strings else []
     for step in range(max_new_tokens):
-        next_ids = sample_next(logits[:, -1, :n_vocab], temperature, top_k, top_p, generator)  # (B,)
+        next_ids = sample_next(logits[:, :n_vocab], temperature, top_k, top_p, generator)  # (B,)
         yield torch.where(done, -1, next_ids)
         if eos_id is not None:
             done |= next_ids == eos_id
@@ -382,19 +395,19 @@ def generate(model: GPT, ids: torch.Tensor, max_new_tokens: int, *, temperature:
         if step == max_new_tokens - 1 or ((eos_id is not None or streams) and bool(done.all())):
             return
         # Finished rows keep decoding their own (ignored) tokens: simpler than shrinking the batch.
-        logits, _ = model(next_ids[:, None], kv_cache=cache,
-                          cache_positions=torch.tensor([T + step], device=device), last_only=True, head_t=head_t)
+        logits = next_logits(model, next_ids[:, None], head_t, kv_cache=cache,
+                             cache_positions=torch.tensor([T + step], device=device))
 
 
 def compile_for_generation(model: GPT, device: torch.device) -> nn.Module:
     """torch.compile, set up for decoding on `device` (what generate.py --compile does).
 
     On a CPU, freezing makes the weights constants of the compiled graph, so inductor can pre-pack
-    them for MKL's matmuls (GPT-2 124M float32: ~1.3x eager's tokens/s; plain compiling ~1x), for
-    more memory. Safe here: nothing trains. An int8 model there compiles with mode="max-autotune",
-    the one mode in which inductor replaces the int8 kernel by its own C++ GEMM over a pre-packed copy
-    of the int8 weights, which streams them from memory ~1.6x as fast (tests/bench.py generate);
-    autotuning adds some seconds to the first tokens."""
+    them for MKL's matmuls (plain compiling gains little), for more memory. Safe here: nothing
+    trains. An int8 model there compiles with mode="max-autotune", the one mode in which inductor
+    replaces the int8 kernel by its own C++ GEMM over a pre-packed copy of the int8 weights, which
+    streams them from memory faster (tests/bench.py generate); autotuning adds some seconds to the
+    first tokens."""
     if device.type != "cpu":
         return torch.compile(model)
     # Inductor reads freezing from its global config while it traces and compiles, which happens at the
@@ -416,6 +429,64 @@ def _freezing_off(module: nn.Module, args: tuple, output) -> None:
     torch._inductor.config.freezing = False  # inductor's default
 
 
+
+# ---------------------------------------------------------------------------------------------------
+# Answering instructions: many prompts in batches, each answer ending where the model's turn ends
+
+@torch.no_grad()
+def answer(model: GPT, prompts: Sequence[Sequence[int]], tokenizer, template: Template, *,
+           max_new_tokens: int, batch_size: int, device: torch.device, dtype: torch.dtype,
+           temperature: float = 0.0, top_k: int | None = None, generator: torch.Generator | None = None,
+           on_text: Callable[[int, str], None] | None = None) -> list[str]:
+    """The model's answer to each prompt (token ids, BOS included), in the prompts' order.
+
+    Prompts are answered in batches of similar length, left-padded (generate gives each row exactly
+    the tokens it would get alone). An answer ends at the end token, at a header of the template
+    (another turn beginning), or after max_new_tokens (fewer when the context runs out; a prompt
+    longer than the context keeps its last tokens). on_text(i, piece) receives the text of prompt i
+    as it becomes final (for streaming)."""
+    model.eval()
+    block_size = model.config.block_size
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths: little padding
+    answers = [""] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        index = order[start:start + batch_size]
+        ids, mask = left_pad([list(prompts[i])[-(block_size - 1):] for i in index], tokenizer.eos_id, device)
+        streams = [TextStream(tokenizer.decode, template.stops) for _ in index]
+        with autocast(device, dtype):
+            _decode_answers(model, ids, mask, streams, stop_ids(tokenizer, template),
+                            min(max_new_tokens, block_size - ids.size(1)),
+                            dict(temperature=temperature, top_k=top_k, generator=generator),
+                            on_text and [functools.partial(on_text, i) for i in index])
+        for stream, i in zip(streams, index):
+            piece = stream.flush()  # '' after a stop string
+            if on_text and piece:
+                on_text(i, piece)
+            answers[i] = stream.text.strip()
+    return answers
+
+
+def _decode_answers(model: GPT, ids: torch.Tensor, mask: torch.Tensor, streams: list[TextStream], stops: set[int],
+                    max_new_tokens: int, sampling: dict, on_text: list[Callable[[str], None]] | None) -> None:
+    """Decode one left-padded batch, ids and mask (B, T), pushing each row's tokens into its stream until
+    the row samples a stop id or its stream meets a stop string; on_text[row](piece) gets the text as it
+    becomes final. Decoding ends when every row has ended."""
+    done = [False] * len(streams)
+    for tokens in generate(model, ids, max_new_tokens, attention_mask=mask, **sampling):
+        for row, token in enumerate(tokens.tolist()):
+            if done[row]:
+                continue
+            if token in stops:
+                done[row] = True
+                continue
+            piece = streams[row].push(token)
+            done[row] = streams[row].stopped
+            if on_text and piece:
+                on_text[row](piece)
+        if all(done):
+            return  # the rows that are left have all ended: stop decoding
+
+
 # ---------------------------------------------------------------------------------------------------
 # Command line
 
@@ -431,7 +502,7 @@ def read_prompts(stream) -> Iterator[str]:
         yield line.rstrip("\r\n")
 
 
-def prompt_ids(tokenizer, prompt: str) -> list[int]:
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
     """The ids a prompt's text is fed to the model as: the family's BOS (if it has one), then the text,
     where special-token text such as <|endoftext|> or </s> becomes its id. An empty prompt is an
     unconditional sample: it starts from the BOS, or for GPT-2, which has none, from <|endoftext|>."""
@@ -458,7 +529,7 @@ def generate_text(model: GPT, tokenizer, prompt: str, args: argparse.Namespace,
                   generator: torch.Generator, device: torch.device) -> dict:
     """Stream one sample for prompt to stdout (the prompt as typed, then the continuation); report counts
     on stderr."""
-    ids = prompt_ids(tokenizer, prompt)
+    ids = encode_prompt(tokenizer, prompt)
     block_size = model.config.block_size
     max_new_tokens = new_tokens_for(len(ids), block_size, args.max_new_tokens)
     if max(ids) >= model.config.vocab_size:
@@ -550,8 +621,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the model: the first tokens wait for compiling, the rest come faster "
                         "(on CPU with frozen weights, which takes more memory; with --quantize int8 there, "
-                        "autotuned, over 2x float32's tokens/s for ~2x int8's memory)")
-    return p.parse_args(argv)
+                        "autotuned, faster still, for about twice int8's memory)")
+    args = p.parse_args(argv)
+    check_preset(p, args.init, args.preset)
+    return args
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -559,11 +632,11 @@ def main(args: argparse.Namespace) -> dict:
     if args.compile and (why := missing_compiler(device)):
         raise UserError(why)
     torch.manual_seed(args.seed)  # makes --init random reproducible too
-    model, extra = load_for_generation(args.init, preset=args.preset, device=device, dtype=dtype,
+    model, card = load_for_generation(args.init, preset=args.preset, device=device, dtype=dtype,
                                        quantize=args.quantize)
     if model.config.num_classes is not None:
         raise UserError(f"{args.init} is a classifier with {model.config.num_classes} classes; it cannot generate text")
-    tokenizer = tokenizer_for(extra)
+    tokenizer = tokenizer_for(card)
     model.eval()
     if args.compile:
         model = compile_for_generation(model, device)
@@ -581,48 +654,3 @@ def main(args: argparse.Namespace) -> dict:
 
 if __name__ == "__main__":
     run_stage(main, parse_args)
-
-
-@torch.no_grad()
-def answer(model: GPT, prompts: Sequence[Sequence[int]], tokenizer, template: Template, *,
-           max_new_tokens: int, batch_size: int, device: torch.device, dtype: torch.dtype,
-           temperature: float = 0.0, top_k: int | None = None, generator: torch.Generator | None = None,
-           on_text: Callable[[int, str], None] | None = None) -> list[str]:
-    """The model's answer to each prompt (token ids, BOS included), in the prompts' order.
-
-    Prompts are answered in batches of similar length, left-padded (generate gives each row exactly
-    the tokens it would get alone). An answer ends at the end token, at a header of the template
-    (another turn beginning), or after max_new_tokens (fewer when the context runs out; a prompt
-    longer than the context keeps its last tokens). on_text(i, piece) receives the text of prompt i
-    as it becomes final (for streaming)."""
-    model.eval()
-    block_size = model.config.block_size
-    stops = stop_ids(tokenizer, template)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    answers = [""] * len(prompts)
-    for start in range(0, len(order), batch_size):
-        index = order[start:start + batch_size]
-        ids, mask = left_pad([list(prompts[i])[-(block_size - 1):] for i in index], tokenizer.eos_id, device)
-        streams = [TextStream(tokenizer.decode, template.stops) for _ in index]
-        done = [False] * len(index)
-        with autocast(device, dtype):
-            for tokens in generate(model, ids, min(max_new_tokens, block_size - ids.size(1)), temperature=temperature,
-                                   top_k=top_k, generator=generator, attention_mask=mask):
-                for row, token in enumerate(tokens.tolist()):
-                    if done[row]:
-                        continue
-                    if token in stops:
-                        done[row] = True
-                        continue
-                    piece = streams[row].push(token)
-                    done[row] = streams[row].stopped
-                    if on_text and piece:
-                        on_text(index[row], piece)
-                if all(done):
-                    break  # the rows that are left have all ended: stop decoding
-        for row, i in enumerate(index):
-            piece = streams[row].flush()  # '' after a stop string
-            if on_text and piece:
-                on_text(i, piece)
-            answers[i] = streams[row].text.strip()
-    return answers

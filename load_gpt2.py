@@ -1,5 +1,5 @@
 """Pretrained weights in, our models out: the Hugging Face Hub's safetensors layouts of GPT-2, Mistral,
-Phi-2, Phi-3 and Llama, read and written with our own code.
+Phi-2, Phi-3 and Llama, read and written with our own code (the file format is safetensors_file.py's).
 
 A Hub checkpoint is a config.json plus model.safetensors (or shards listed by model.safetensors.index.json)
 in its family's own tensor names. For each family (config.json's model_type) one table says where each
@@ -11,7 +11,7 @@ GPT-2 name, a Hub repo id (downloaded once into the cache), a Hub-layout folder 
 checkpoints; with the model it returns its card (family and tokenizer), and tokenizer_for(card) gives
 the tokenizer that belongs to it.
 
-    python load_gpt2.py --model gpt2 --prompt "Hello, I'm a language model,"
+    python load_gpt2.py --init gpt2 --prompt "Hello, I'm a language model,"
     python load_gpt2.py --init mistralai/Mistral-7B-v0.1 --dtype bfloat16      # gated: set HF_TOKEN
     python load_gpt2.py --export out/hf --init out/ckpt.pt
 """
@@ -21,188 +21,23 @@ import argparse
 import hashlib
 import json
 import math
-import mmap
-import os
 import re
-import shutil
-import struct
 import sys
 import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-import requests
 import torch
 
-from common import ArgumentParser, UserError, positive_int, run_stage
-from download import (DownloadError, GPT2_ENCODER_SHA256, GPT2_VOCAB_SHA256, HUB_URL, KNOWN_FILES, MISTRAL_REPO,
-                      cache_dir, download, fetch, hub_headers)
+from common import ArgumentParser, UserError, atomic_write, positive_int, run_stage
+from download import (DownloadError, GPT2_ENCODER_SHA256, GPT2_VOCAB_SHA256, HUB_PINNED, HUB_URL, KNOWN_FILES,
+                      MISTRAL_REPO, cache_dir, download_set, fetch, fetch_hub_files, hub_file_info, hub_listing)
 from model import (GPT, GPTConfig, PRESETS, add_device_args, checkpoint_kind, device_and_dtype, get_config,
                    load_checkpoint, unwrap)
+from safetensors_file import SafetensorsFile, write_safetensors
 from tokenizer import TOKENIZER_FILES, get_tokenizer, load_tokenizer
 from tokenizer_base import bos
-
-
-# ---------------------------------------------------------------------------------------------------
-# Safetensors, read and written with numpy. The format: an 8-byte little-endian header length N,
-# N bytes of JSON {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}},
-# then the raw little-endian tensor bytes; offsets count from the end of the header.
-
-SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-# numpy has no bfloat16: BF16 is read as uint16 and viewed as bfloat16 by torch (same bits)
-NUMPY_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
-COPY_CHUNK_BYTES = 16 << 20  # the file bytes loaded at a time: bounds the memory a load needs beyond the model
-MAX_HEADER_BYTES = 100_000_000  # gpt2-xl's header is 60 kB; a larger claim is a corrupt file, not a big model
-
-
-class SafetensorsError(UserError):
-    """A file that is not a valid safetensors file; the message names the file and the problem."""
-
-
-def _check_int(value, what: str) -> int:
-    # bool is an int to Python, but true/false in a shape is a corrupt header
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ValueError(f"{what} is {value!r}, not a non-negative integer")
-    return value
-
-
-def _parse_header(raw: bytes, data_length: int) -> tuple[dict[str, tuple[str, tuple[int, ...], int, int]], dict]:
-    """Validate the JSON header against the data's length; ValueError says what is wrong.
-
-    Returns {name: (dtype, shape, begin, end)} ordered by offset, and the metadata dict."""
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except RecursionError:
-        raise ValueError("its header nests too deeply") from None
-    except ValueError as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise ValueError(f"its header is not UTF-8 JSON ({str(e)[:100]})") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"its header is a JSON {type(header).__name__}, not an object")
-    metadata = header.pop("__metadata__", {})
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise ValueError("its __metadata__ is not an object of strings")
-    entries = {}
-    for name, info in header.items():
-        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
-            raise ValueError(f"tensor {name!r} is not described by exactly dtype, shape and data_offsets")
-        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if dtype not in SAFETENSORS_DTYPES:
-            raise ValueError(f"tensor {name!r} has dtype {dtype!r}; only {', '.join(SAFETENSORS_DTYPES)} are supported")
-        if not isinstance(shape, list) or not isinstance(offsets, list) or len(offsets) != 2:
-            raise ValueError(f"tensor {name!r} needs a shape list and two data_offsets")
-        shape = tuple(_check_int(d, f"a dimension of {name!r}") for d in shape)
-        begin, end = (_check_int(o, f"an offset of {name!r}") for o in offsets)
-        if not begin <= end <= data_length:
-            raise ValueError(f"tensor {name!r} lies at bytes {begin}..{end}, outside the {data_length} data bytes")
-        if math.prod(max(d, 1) for d in shape) >= 2**63:  # torch's sizes and strides are int64
-            raise ValueError(f"tensor {name!r} has an impossible shape {list(shape)}")
-        nbytes = math.prod(shape) * NUMPY_DTYPES[dtype].itemsize
-        if end - begin != nbytes:
-            raise ValueError(f"tensor {name!r} of shape {list(shape)} and dtype {dtype} needs {nbytes} bytes "
-                             f"but its offsets span {end - begin}")
-        entries[name] = (dtype, shape, begin, end)
-    entries = dict(sorted(entries.items(), key=lambda item: (item[1][2], item[1][3])))
-    previous_name, previous_end = None, 0
-    for name, (_, _, begin, end) in entries.items():
-        if begin < previous_end:
-            raise ValueError(f"tensors {previous_name!r} and {name!r} overlap")
-        if end > begin:  # an empty tensor overlaps nothing
-            previous_name, previous_end = name, end
-    return entries, metadata
-
-
-class SafetensorsFile:
-    """A validated, memory-mapped safetensors file; tensor(name) reads a tensor without copying it.
-
-    The mapping is copy-on-write, so writing into a returned tensor never changes the file."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        try:
-            with open(self.path, "rb") as f:
-                file_size = os.fstat(f.fileno()).st_size
-                if file_size < 8:
-                    raise ValueError(f"it has {file_size} bytes, fewer than the 8-byte header length")
-                (header_length,) = struct.unpack("<Q", f.read(8))
-                if header_length > min(file_size - 8, MAX_HEADER_BYTES):
-                    raise ValueError(f"it declares a {header_length}-byte header but has {file_size} bytes")
-                self.data_start = 8 + header_length
-                self.entries, self.metadata = _parse_header(f.read(header_length), file_size - self.data_start)
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        except OSError as e:
-            raise SafetensorsError(f"cannot read {self.path}: {e.strerror or e}") from None
-        except ValueError as e:
-            raise SafetensorsError(f"{self.path} is not a valid safetensors file: {e}") from None
-
-    def names(self) -> list[str]:
-        """Tensor names in the order of their bytes in the file."""
-        return list(self.entries)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self.entries[name][1]
-
-    def tensor(self, name: str) -> torch.Tensor:
-        dtype, shape, begin, end = self.entries[name]
-        count = (end - begin) // NUMPY_DTYPES[dtype].itemsize
-        if count == 0:
-            return torch.empty(shape, dtype=SAFETENSORS_DTYPES[dtype])
-        array = np.frombuffer(self._map, dtype=NUMPY_DTYPES[dtype], count=count, offset=self.data_start + begin)
-        if not array.flags.aligned:  # files from the safetensors library are aligned; others get a copy
-            array = array.copy()
-        return torch.from_numpy(array).view(SAFETENSORS_DTYPES[dtype]).view(shape)
-
-    def release(self, name: str, first_row: int = 0, end_row: int | None = None) -> None:
-        """Hand the file pages behind rows [first_row, end_row) of `name` back to the OS once copied.
-
-        Mapped pages that have been read count in this process's resident memory until the mapping
-        goes; without this, loading gpt2-xl would end with the 6.4 GB file resident next to the 6.4 GB
-        model. A tensor still viewing those bytes stays valid: the next read pages them in again."""
-        if not hasattr(self._map, "madvise"):  # Windows: no madvise, the pages stay until close
-            return
-        _, shape, begin, end = self.entries[name]
-        rows = shape[0] if shape else 1
-        row_bytes = (end - begin) // max(rows, 1)
-        end_row = rows if end_row is None else end_row
-        start = (self.data_start + begin + first_row * row_bytes) // mmap.PAGESIZE * mmap.PAGESIZE
-        stop = self.data_start + begin + end_row * row_bytes
-        if stop > start:
-            self._map.madvise(mmap.MADV_DONTNEED, start, stop - start)
-
-
-def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file, memory-mapped (copy-on-write), in file order."""
-    file = SafetensorsFile(path)
-    return {name: file.tensor(name) for name in file.names()}
-
-
-def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """Write tensors (float32, float16 or bfloat16; any device) as a safetensors file, atomically.
-
-    Tensors are written one at a time, so a transposed or on-GPU tensor costs one tensor of memory."""
-    to_name = {torch_dtype: name for name, torch_dtype in SAFETENSORS_DTYPES.items()}
-    header: dict[str, dict] = {"__metadata__": dict(metadata)} if metadata else {}
-    offset = 0
-    for name, t in tensors.items():
-        if t.dtype not in to_name:
-            raise ValueError(f"tensor {name!r} is {t.dtype}; safetensors files here hold {', '.join(map(str, to_name))}")
-        nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": to_name[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)  # pad with spaces so the data starts 8-byte aligned, as the library does
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for t in tensors.values():
-            # as raw bytes: numpy has no bfloat16, and the bits are what the file stores
-            f.write(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -536,6 +371,8 @@ def hf_config(config: GPTConfig, model_type: str, dtype: torch.dtype,
 # ---------------------------------------------------------------------------------------------------
 # The streaming loader: the table walked forwards
 
+COPY_CHUNK_BYTES = 16 << 20  # the file bytes loaded at a time: bounds the memory a load needs beyond the model
+
 def meta_model(config: GPTConfig) -> GPT:
     """A GPT with the shapes of config and no memory behind its weights (the meta device).
 
@@ -562,8 +399,9 @@ def weight_files(folder: Path) -> list[Path]:
         return [folder / "model.safetensors"]
     other = " (it holds pytorch_model.bin, a pickle file; this project reads safetensors only)" \
         if (folder / "pytorch_model.bin").is_file() else ""
+    config = "" if (folder / "config.json").is_file() else ", and no config.json"  # name the whole set at once
     raise UserError(f"folder {folder} has no model.safetensors (nor model.safetensors.index.json with its "
-                    f"shards){other}")
+                    f"shards){other}{config}; put the model's files there")
 
 
 def _copy_rows(file: SafetensorsFile, name: str, target: torch.Tensor, placement: str,
@@ -584,7 +422,29 @@ def _copy_rows(file: SafetensorsFile, name: str, target: torch.Tensor, placement
         file.release(name, first, min(first + step, n))
 
 
-def load_weights(files: list[Path], model_type: str, config: GPTConfig, device: torch.device | str = "cpu",
+LAYER_INDEX = re.compile(r"\.(?:h|layers)\.(\d+)\.")  # block i's tensors: transformer.h.{i}. or model.layers.{i}.
+
+
+def check_sizes(files: list[SafetensorsFile], model_type: str, config: GPTConfig, where: Path) -> None:
+    """Refuse a config whose sizes disagree with the weight files' headers, before anything is built:
+    a config.json claiming 100,000 layers of width 8,192 would otherwise spend minutes and gigabytes
+    building (meta) modules, only to find that the files hold two. The layers and the token embedding
+    are checked here; every other tensor is checked by name and shape as it loads."""
+    shapes = {canonical_name(model_type, name): file.shape(name) for file in files for name in file.names()}
+    layers = 1 + max((int(m.group(1)) for name in shapes if name and (m := LAYER_INDEX.search(name))), default=-1)
+    embedding = next(hub for hub, (ours, _) in WEIGHT_TABLES[model_type].items() if ours == "transformer.wte.weight")
+    problems = []
+    if layers < config.n_layer:  # more layers than files hold: the tensors a config lacks are named later
+        problems.append(f"n_layer is {config.n_layer}, but the weights hold {layers} layers")
+    if embedding in shapes and shapes[embedding] != (config.vocab_size, config.n_embd):
+        problems.append(f"vocab_size x n_embd is {config.vocab_size} x {config.n_embd}, but {embedding} is "
+                        f"{' x '.join(map(str, shapes[embedding]))}")
+    if problems:
+        raise UserError(f"the config.json of {where} does not fit its weights ({'; '.join(problems)}); put the "
+                        "config.json that came with these weights beside them")
+
+
+def load_weights(paths: list[Path], model_type: str, config: GPTConfig, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, loaded: Callable | None = None) -> GPT:
     """Load Hub-layout safetensors files of family model_type into a GPT(config), tensor by tensor.
 
@@ -597,21 +457,18 @@ def load_weights(files: list[Path], model_type: str, config: GPTConfig, device: 
     complete, with the module that owns it, and returns what the model keeps in its place: a stage
     that stores weights otherwise (generate.py's int8) keeps its own form and returns a meta tensor,
     so the whole model never exists in the loading dtype."""
+    where = paths[0].parent if len(paths) > 1 else paths[0]
+    files = [SafetensorsFile(path) for path in paths]
+    check_sizes(files, model_type, config, where)
     model = meta_model(config)
     tied = model.tied
     table = hub_tensors(model_type, model)
     our_shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     pieces = Counter(our_name for our_name, *_ in table.values())  # Hub tensors placed in each of ours
-    owners = {name: model.get_submodule(name.rpartition(".")[0]) for name in pieces}
-
-    def complete(name: str) -> None:
-        if loaded is not None:
-            state[name] = loaded(name, state[name], owners[name])
-    where = files[0].parent if len(files) > 1 else files[0]
+    loaded = loaded or (lambda name, tensor, module: tensor)
     state: dict[str, torch.Tensor] = {}
     seen, unexpected, tied_head = set(), [], None
-    for path in files:
-        file = SafetensorsFile(path)
+    for file in files:
         for file_name in file.names():  # file order, so the pages are read and released front to back
             name = canonical_name(model_type, file_name)
             if name is None:
@@ -623,41 +480,46 @@ def load_weights(files: list[Path], model_type: str, config: GPTConfig, device: 
                 unexpected.append(file_name)
                 continue
             if name in seen:
-                raise UserError(f"{where} holds tensor {file_name} twice (again in {path.name})")
+                raise UserError(f"{where} holds tensor {file_name} twice (again in {file.path.name})")
             our_name, placement, shape, rows = table[name]
             if file.shape(file_name) != shape:
-                raise UserError(f"{file_name} in {path} has shape {list(file.shape(file_name))}, but the {model_type} "
-                                f"model its config describes (n_layer={config.n_layer}, n_embd={config.n_embd}, "
-                                f"vocab_size={config.vocab_size}) needs {list(shape)}")
+                raise UserError(f"{file_name} in {file.path} has shape {list(file.shape(file_name))}, but the "
+                                f"{model_type} model its config describes (n_layer={config.n_layer}, n_embd="
+                                f"{config.n_embd}, vocab_size={config.vocab_size}) needs {list(shape)}")
             if our_name not in state:
                 state[our_name] = torch.empty(our_shapes[our_name], dtype=dtype, device=device)
             _copy_rows(file, file_name, state[our_name], placement, rows)
             seen.add(name)
             pieces[our_name] -= 1
             if pieces[our_name] == 0 and not (tied and our_name == "transformer.wte.weight"):
-                complete(our_name)  # a tied embedding waits for the check against a stored head below
+                # complete: hand it to `loaded` (a tied embedding waits for the check against a stored head)
+                state[our_name] = loaded(our_name, state[our_name], model.get_submodule(our_name.rpartition(".")[0]))
     missing = [name for name in table if name not in seen]
     if missing or unexpected:
         problems = [f"{len(names)} {what} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
                     for names, what in ((missing, "missing"), (unexpected, "unexpected")) if names]
         raise UserError(f"{where} does not hold the tensors of the {model_type} model its config describes "
                         f"(n_layer={config.n_layer}): {' and '.join(problems)}")
-    if tied_head is not None:  # some exporters store the tied head too; it must then be the embedding
-        file, file_name = tied_head
-        head, wte = file.tensor(file_name), state["transformer.wte.weight"]
-        step = max(1, COPY_CHUNK_BYTES // max(1, wte[:1].numel() * 4))  # compared a few MB at a time
-        if head.shape != wte.shape or not all(torch.equal(head[i:i + step].to(device=device, dtype=dtype),
-                                                          wte[i:i + step]) for i in range(0, len(wte), step)):
-            raise UserError(f"{where} has an lm_head.weight that differs from the token embedding, but its "
-                            "config ties the two")
-        file.release(file_name)
     if tied:
-        complete("transformer.wte.weight")
-        state["lm_head.weight"] = state["transformer.wte.weight"]
+        if tied_head is not None:  # some exporters store the tied head too; it must then be the embedding
+            _check_tied_head(*tied_head, state["transformer.wte.weight"], where)
+        wte = loaded("transformer.wte.weight", state["transformer.wte.weight"], model.transformer.wte)
+        state["transformer.wte.weight"] = state["lm_head.weight"] = wte
     model.load_state_dict(state, assign=True)  # assign: keep our tensors instead of copying into meta ones
     if tied:
         model.tie_weights()  # assign gave lm_head its own Parameter object; share wte's again
     return model
+
+
+def _check_tied_head(file: SafetensorsFile, name: str, wte: torch.Tensor, where: Path) -> None:
+    """A stored lm_head.weight of a model whose config ties it must equal the loaded embedding wte."""
+    head = file.tensor(name)
+    step = max(1, COPY_CHUNK_BYTES // max(1, wte[:1].numel() * 4))  # compared a few MB at a time
+    if head.shape != wte.shape or not all(torch.equal(head[i:i + step].to(device=wte.device, dtype=wte.dtype),
+                                                      wte[i:i + step]) for i in range(0, len(wte), step)):
+        raise UserError(f"{where} has an lm_head.weight that differs from the token embedding, but its "
+                        "config ties the two")
+    file.release(name)
 
 
 def config_from_shapes(file: SafetensorsFile) -> GPTConfig:
@@ -693,6 +555,11 @@ def _is_gpt2_bpe(folder: Path) -> bool:
     return all(path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == sha for path, sha in pairs)
 
 
+# The checkpoint files each stage writes into its --out-dir: a missing one usually means a stage not yet run.
+WRITTEN_BY = {"best.pt": "pretrain.py", "ckpt.pt": "pretrain.py", "classifier.pt": "finetune_spam.py",
+              "model.pt": "finetune_instruct.py"}
+
+
 def load_pretrained(name_or_path: str | Path, device: torch.device | str = "cpu",
                     dtype: torch.dtype = torch.float32, loaded: Callable | None = None) -> tuple[GPT, dict]:
     """Hub-layout weights as our GPT, with its card {"model_type", "tokenizer"} (see load_model;
@@ -714,6 +581,11 @@ def load_pretrained(name_or_path: str | Path, device: torch.device | str = "cpu"
     elif is_hub_repo(name):
         folder = fetch_hub_model(name)
         files, config_path = weight_files(folder), folder / "config.json"
+    elif path.suffix == ".pt":
+        stage = WRITTEN_BY.get(path.name)
+        writer = f"python {stage} writes it: run that first" if stage else \
+            f"the stages write theirs as {', '.join(f'{name} ({stage})' for name, stage in WRITTEN_BY.items())}"
+        raise UserError(f"checkpoint {path} does not exist ({writer}), or pass --init an existing one")
     else:
         raise UserError(f"{name!r} is neither a GPT-2 name ({', '.join(GPT2_REPOS)}), nor a Hugging Face repo id "
                         "(owner/name), nor an existing model.safetensors file or folder")
@@ -731,29 +603,14 @@ def load_pretrained(name_or_path: str | Path, device: torch.device | str = "cpu"
     return model, {"model_type": model_type, "tokenizer": tokenizer}
 
 
-def load_gpt2(name_or_path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> GPT:
-    """The model of load_pretrained, without its card: GPT-2's weights, or any family's (the name is this
-    module's first job)."""
-    return load_pretrained(name_or_path, device, dtype)[0]
-
-
 # ---------------------------------------------------------------------------------------------------
-# The Hub: files downloaded once into the cache at hf/<repo>/<file>, verified by the Hub's sizes and sha256
+# Models on the Hub: a repo's config, weights and tokenizer, fetched once into the cache (download.py)
 
 GPT2_REPOS = {
     "gpt2": "openai-community/gpt2",
     "gpt2-medium": "openai-community/gpt2-medium",
     "gpt2-large": "openai-community/gpt2-large",
     "gpt2-xl": "openai-community/gpt2-xl",
-}
-HUB_TREE_API = "https://huggingface.co/api/models/{repo}/tree/main"
-# (size, sha256) of Hub files whose digests were confirmed by several independent sources; for the
-# other files the Hub's API is asked (its lfs.oid is the file's sha256) before the first download.
-HUB_PINNED = {
-    ("openai-community/gpt2", "model.safetensors"):
-        (548105171, "248dfc3911869ec493c76e65bf2fcf7f615828b0254c12b473182f0f81d3a707"),
-    ("openai-community/gpt2", "config.json"):
-        (665, "0daed7749b4f02b8f76240d5444551d7b08712dab4d0adb8239c56ba823bb7b4"),
 }
 HUB_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
@@ -765,52 +622,11 @@ def is_hub_repo(name: str) -> bool:
         and not Path(name.split("/")[0]).exists()
 
 
-def hub_listing(repo: str) -> dict[str, tuple[int, str | None]]:
-    """{file: (size, sha256 or None)} of a Hub repo's top folder, from the Hub's file-listing API.
-
-    Files stored with Git LFS report their sha256 as lfs.oid; small plain files only their size.
-    Gated repos (Mistral's, Meta's) answer only with an accepted licence and its token (HF_TOKEN)."""
-    url = HUB_TREE_API.format(repo=repo)
-    try:
-        response = requests.get(url, timeout=(10, 60), headers=hub_headers())
-        response.raise_for_status()
-        listing = response.json()
-    except requests.HTTPError as e:
-        status = e.response.status_code
-        if status in (401, 403):
-            token = "the token in $HF_TOKEN was refused" if hub_headers() else "no $HF_TOKEN is set"
-            raise DownloadError(f"the Hugging Face Hub refused access to {repo} (HTTP {status}; {token}): accept its "
-                                f"licence on https://huggingface.co/{repo} and set HF_TOKEN to an access token of "
-                                "that account") from None
-        if status == 404:
-            raise DownloadError(f"the Hugging Face Hub has no model repo {repo} (HTTP 404), and no such local "
-                                "file or folder exists either") from None
-        raise DownloadError(f"could not list {repo} on the Hugging Face Hub (HTTP {status})") from None
-    except (requests.RequestException, ValueError) as e:
-        raise DownloadError(f"could not ask the Hugging Face Hub about {repo} at {url} ({type(e).__name__}); "
-                            "check your network connection") from None
-    files = {}
-    for entry in listing if isinstance(listing, list) else []:
-        if isinstance(entry, dict) and isinstance(entry.get("path"), str):
-            lfs = entry.get("lfs") or {}
-            size, sha256 = lfs.get("size", entry.get("size")), lfs.get("oid")
-            if isinstance(size, int) and (sha256 is None or isinstance(sha256, str)):
-                files[entry["path"]] = (size, sha256)
-    return files
-
-
-def hub_file_info(repo: str, filename: str) -> tuple[int, str | None]:
-    """(size, sha256 or None) of one file of a Hub repo."""
-    info = hub_listing(repo).get(filename)
-    if info is None:
-        raise DownloadError(f"the Hugging Face Hub's listing of {repo} at {HUB_TREE_API.format(repo=repo)} "
-                            f"gives no size for {filename}")
-    return info
-
-
 def fetch_gpt2(name: str) -> Path:
-    """The cache folder holding config.json and model.safetensors of GPT-2 `name`, downloaded once."""
+    """The cache folder holding config.json and model.safetensors of GPT-2 `name`, downloaded once
+    (offline, one message names both files that are missing and where each goes)."""
     repo = GPT2_REPOS[name]
+    files = []
     for filename in ("config.json", "model.safetensors"):
         relpath = f"hf/{repo}/{filename}"
         size, sha256 = HUB_PINNED.get((repo, filename), (None, None))
@@ -819,20 +635,8 @@ def fetch_gpt2(name: str) -> Path:
             sha256 = None
         elif size is None:
             size, sha256 = hub_file_info(repo, filename)
-        path = download(HUB_URL.format(repo=repo, filename=filename), relpath, sha256=sha256, size=size)
-    return path.parent
-
-
-def fetch_hub_files(repo: str, filenames: list[str], listing: dict[str, tuple[int, str | None]]) -> Path:
-    """Download those of filenames that the repo has (per listing) into hf/<repo>/, each once and
-    verified; returns that cache folder. A cached file was verified on the way in and is kept as is."""
-    for filename in filenames:
-        relpath = f"hf/{repo}/{filename}"
-        if filename in listing and not (cache_dir() / relpath).is_file():
-            size, sha256 = listing[filename]
-            download(HUB_URL.format(repo=repo, filename=filename), relpath, sha256=sha256, size=size,
-                     headers=hub_headers())
-    return cache_dir() / "hf" / repo
+        files.append((HUB_URL.format(repo=repo, filename=filename), relpath, {"sha256": sha256, "size": size}))
+    return download_set(f"{name}'s config and weights", files)[0].parent
 
 
 def _cached_model_complete(folder: Path) -> bool:
@@ -920,7 +724,7 @@ def load_model(init: str, *, preset: str | None = None, device: torch.device | s
     (save_checkpoint's .pt). Everything but "random" brings its own architecture, so `preset` is only
     read for "random".
 
-    The dict holds a checkpoint's extra entries, and always the model's card (see model_card):
+    The card holds a checkpoint's other entries, and always (see model_card):
     "model_type", the Hub's name of its family, and "tokenizer", where its tokenizer comes from
     ("gpt2"; "hf/<repo>" or "hf/<repo>/<file>" in the download cache; or a local folder or file).
 
@@ -939,18 +743,21 @@ def load_model(init: str, *, preset: str | None = None, device: torch.device | s
     path = Path(init)
     if init not in GPT2_REPOS and path.is_file() and checkpoint_kind(path) != "safetensors":
         try:
-            model, extra = load_checkpoint(path, device)  # ours, or a one-sentence reason why not
+            model, card = load_checkpoint(path, device)  # ours, or a one-sentence reason why not
         except ValueError as e:
             raise UserError(str(e)) from None
-        # checkpoints written before cards existed are GPT-2's
-        return model.to(dtype), {"model_type": "gpt2", "tokenizer": "gpt2", **extra}
+        if "model_type" not in card or "tokenizer" not in card:
+            raise UserError(f"{path} has no model card (model_type and tokenizer), so no stage can tell which "
+                            "tokenizer it needs; save it again with save_checkpoint(..., **model_card(card)), or "
+                            "train it again with this version")
+        return model.to(dtype), card
     return load_pretrained(init, device, dtype, loaded)
 
 
-def model_card(extra: dict) -> dict:
+def model_card(card: dict) -> dict:
     """What a stage saves with a checkpoint so that its users find the model's family and tokenizer
-    again: save_checkpoint(path, model, **model_card(extra), ...) with extra from load_model."""
-    return {"model_type": extra["model_type"], "tokenizer": extra["tokenizer"]}
+    again: save_checkpoint(path, model, **model_card(card), ...) with the card from load_model."""
+    return {"model_type": card["model_type"], "tokenizer": card["tokenizer"]}
 
 
 def tokenizer_path(card_tokenizer: str) -> Path:
@@ -959,16 +766,13 @@ def tokenizer_path(card_tokenizer: str) -> Path:
     if not path.exists():
         raise UserError(f"the model's tokenizer {path} does not exist; put the model's tokenizer.json or "
                         "tokenizer.model there")
-    if path.is_dir() and not any((path / name).is_file() for name in TOKENIZER_FILES):
-        raise UserError(f"{path} holds no tokenizer (tokenizer.json or tokenizer.model); copy the model's "
-                        "tokenizer files into it")
-    return path
+    return path  # a folder without tokenizer files: load_tokenizer says which files it needs
 
 
-def tokenizer_for(extra: dict):
-    """The tokenizer of the model load_model returned with `extra`: an object with encode,
+def tokenizer_for(card: dict):
+    """The tokenizer of the model load_model returned with `card`: an object with encode,
     encode_ordinary, decode, n_vocab, eot_token, bos_id and eos_id (see tokenizer.py)."""
-    name = extra.get("tokenizer", "gpt2")
+    name = card.get("tokenizer", "gpt2")
     if name == "gpt2":
         return get_tokenizer()
     return load_tokenizer(tokenizer_path(name))
@@ -982,6 +786,12 @@ def add_init_args(parser: argparse.ArgumentParser, default: str, what: str = "st
                              "meta-llama/Llama-3.2-1B; gated ones need HF_TOKEN), a Hub-layout folder or "
                              "safetensors file, one of our checkpoints (.pt), or 'random' (a new model of --preset)")
     parser.add_argument("--preset", default=None, choices=list(PRESETS), help="model size for --init random")
+
+
+def check_preset(parser: argparse.ArgumentParser, init: str, preset: str | None, flag: str = "--init") -> None:
+    """Refuse (parser.error) a --preset beside an init that brings its own size: it would be ignored."""
+    if preset is not None and init != "random":
+        parser.error(f"--preset only applies to {flag} random; {init} brings its own size")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1008,9 +818,17 @@ def _copy_tokenizer_files(card_tokenizer: str, out_dir: Path) -> list[str]:
         return []
     for source, name in pairs:
         if source.resolve() != (out_dir / name).resolve():
-            shutil.copyfile(source, out_dir / (name + ".tmp"))
-            os.replace(out_dir / (name + ".tmp"), out_dir / name)
+            atomic_write(out_dir / name, source.read_bytes())
     return [name for _, name in pairs]
+
+
+def refuse_existing_model(out_dir: Path) -> None:
+    """UserError when out_dir already holds a model (config.json or weights), which only --force replaces."""
+    existing = [name for name in MODEL_FILES if (out_dir / name).exists()] + \
+        sorted(p.name for p in out_dir.glob("model-*.safetensors"))
+    if existing:
+        raise UserError(f"{out_dir} already holds a model ({existing[0]}); pass --force to replace it, or choose "
+                        "another folder")
 
 
 def plan_shards(sizes: dict[str, int], max_shard_bytes: int) -> tuple[list[str], list[list[str]]]:
@@ -1035,7 +853,7 @@ def export_hf(model: torch.nn.Module, out_dir: str | Path, card: dict | None = N
     architectures and model_type, and model.safetensors, or above max_shard_bytes shards
     model-0000i-of-0000n.safetensors with model.safetensors.index.json. Returns out_dir.
 
-    card: load_model's extra, for the family (model_type; default gpt2) and the tokenizer, whose files
+    card: load_model's card, for the family (model_type; default gpt2) and the tokenizer, whose files
     are copied beside the weights when they are on this machine. tokenizer: the loaded tokenizer, for
     the bos and eos ids in config.json. Tensors keep the model's dtype and are written one at a time;
     a tied lm_head is left out, as in the Hub's files. A folder that already holds a model is refused
@@ -1055,11 +873,8 @@ def export_hf(model: torch.nn.Module, out_dir: str | Path, card: dict | None = N
     if problems:
         raise UserError(f"this model does not fit the {ARCHITECTURES[model_type]} layout: {', '.join(problems)}")
     out_dir = Path(out_dir)
-    existing = [name for name in MODEL_FILES if (out_dir / name).exists()] + \
-        sorted(p.name for p in out_dir.glob("model-*.safetensors"))
-    if existing and not force:
-        raise UserError(f"{out_dir} already holds a model ({existing[0]}); pass force=True (--force) to replace it, "
-                        "or choose another folder")
+    if not force:
+        refuse_existing_model(out_dir)
     state = gpt.state_dict()
     tensors = {}  # Hub name -> a view of our tensor (a transpose is made when written, one tensor at a time)
     for hub_name, (our_name, placement, _, rows) in hub_tensors(model_type, gpt).items():
@@ -1075,9 +890,9 @@ def export_hf(model: torch.nn.Module, out_dir: str | Path, card: dict | None = N
         if len(shards) > 1:
             index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
                      "weight_map": {name: file_name for file_name, shard in zip(names, shards) for name in shard}}
-            _write_text(out_dir / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
+            atomic_write(out_dir / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
         config = hf_config(gpt.config, model_type, gpt.transformer.wte.weight.dtype, token_ids)
-        _write_text(out_dir / "config.json", json.dumps(config, indent=2) + "\n")
+        atomic_write(out_dir / "config.json", json.dumps(config, indent=2) + "\n")
         _copy_tokenizer_files(card["tokenizer"], out_dir)
         for stale in [*out_dir.glob("model*.safetensors"), out_dir / "model.safetensors.index.json"]:
             if stale.name not in names and not (stale.name.endswith(".json") and len(shards) > 1):
@@ -1087,19 +902,12 @@ def export_hf(model: torch.nn.Module, out_dir: str | Path, card: dict | None = N
     return out_dir
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------------------------------------------
 # Command line
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     add_init_args(parser, "gpt2", "the model to load")
-    parser.add_argument("--model", dest="init", help="the same as --init")
     parser.add_argument("--prompt", default="Hello, I'm a language model,",
                         help="text whose most likely next tokens are shown, a check that the weights work")
     parser.add_argument("--top", type=positive_int, default=5, help="how many next tokens to show")
@@ -1107,33 +915,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="write the model to this folder in its family's Hub layout instead")
     parser.add_argument("--force", action="store_true", help="let --export replace a model already in its folder")
     add_device_args(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_preset(parser, args.init, args.preset)
+    return args
 
 
 def main(args: argparse.Namespace) -> dict:
     device, dtype = device_and_dtype(args.device, args.dtype)
-    if args.export is not None and not args.force and any((args.export / name).exists() for name in MODEL_FILES):
-        raise UserError(f"{args.export} already holds a model; pass --force to replace it, or choose another folder")
+    if args.export is not None and not args.force:
+        refuse_existing_model(args.export)  # before loading: the export would refuse only after it
     start = time.perf_counter()
-    model, extra = load_model(args.init, preset=args.preset, device=device, dtype=dtype)
+    model, card = load_model(args.init, preset=args.preset, device=device, dtype=dtype)
     load_seconds = time.perf_counter() - start
-    result = {"model": str(args.init), "model_type": extra["model_type"], "params": model.num_params(),
+    result = {"model": str(args.init), "model_type": card["model_type"], "params": model.num_params(),
               "load_seconds": load_seconds}
-    print(f"{args.init}: {extra['model_type']}, {result['params']:,} parameters, {dtype}, {device}, "
+    print(f"{args.init}: {card['model_type']}, {result['params']:,} parameters, {dtype}, {device}, "
           f"loaded in {load_seconds:.2f} s")
     if args.export is not None:
         try:
-            tokenizer = tokenizer_for(extra)
+            tokenizer = tokenizer_for(card)
         except UserError as e:  # the weights export without it; only config.json's bos/eos ids need it
             print(f"note: {e}; config.json gets no bos/eos token ids", file=sys.stderr)
             tokenizer = None
-        export_hf(model, args.export, extra, force=args.force, tokenizer=tokenizer)
+        export_hf(model, args.export, card, force=args.force, tokenizer=tokenizer)
         files = sorted(p.name for p in args.export.iterdir() if not p.name.endswith(".tmp"))
         print(f"exported to {args.export} ({', '.join(files)})")
         return {**result, "export": str(args.export)}
     if model.config.num_classes is not None:
         return result
-    tokenizer = tokenizer_for(extra)
+    tokenizer = tokenizer_for(card)
     ids = (bos(tokenizer) + tokenizer.encode_ordinary(args.prompt))[-model.config.block_size:]
     if not ids or max(ids) >= model.config.vocab_size:
         raise UserError(f"the prompt must encode to 1 or more of the model's {model.config.vocab_size} token ids")

@@ -549,8 +549,7 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 attention_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
                 kv_cache: KVCache | None = None, cache_positions: torch.Tensor | None = None,
-                last_only: bool = False, head_t: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits for token ids idx (B, T), and the mean cross-entropy loss when targets are given.
 
         attention_mask (B, T): 1 for real tokens, 0 for padding; positions then count real tokens only,
@@ -561,20 +560,13 @@ class GPT(nn.Module):
         the sliding window, if the model has one).
         last_only: compute the head for the last position only, (B, 1, V): generation needs no more,
         and the (B, T, V) head is the most expensive matmul of a small model.
-        head_t (C, V): the LM head's weight transposed and contiguous, used instead of lm_head's weight
-        (same numbers; its bias, if any, is added); see generate.py for why decoding on a CPU passes one.
         Targets of -100 are ignored.
         """
         x = self.hidden(idx, attention_mask=attention_mask, positions=positions,
                         kv_cache=kv_cache, cache_positions=cache_positions)
         if last_only:
             x = x[:, -1:, :]  # (B, 1, C)
-        if head_t is None:
-            logits = self.lm_head(x)  # (B, T, V)
-        else:
-            logits = x @ head_t
-            if self.lm_head.bias is not None:
-                logits = logits + self.lm_head.bias
+        logits = self.lm_head(x)  # (B, T, V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
@@ -683,6 +675,8 @@ def save_checkpoint(path: str | Path, model: nn.Module, **extra) -> None:
     gpt = unwrap(model)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # Not common.atomic_write, which takes the bytes whole: torch.save streams into the file, and a copy
+    # of a large model in memory first would double what saving needs (and model.py imports only torch).
     tmp = path.with_name(path.name + ".tmp")
     checkpoint = {"config": dataclasses.asdict(gpt.config), "model": gpt.state_dict(), **extra}
     with open(tmp, "wb") as f:

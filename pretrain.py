@@ -48,19 +48,20 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import corpus
 import download
 import tokenizer
-from common import (ArgumentParser, UserError, clock, non_negative_float, non_negative_int, positive_float, positive_int,
-                    refuse_changed_flags, run_stage, unit_interval, writable_folder)
+from common import (ArgumentParser, UserError, clock, non_negative_float, non_negative_int, positive_float,
+                    positive_int, refuse_changed_flags, run_stage, unit_interval, writable_folder)
 from corpus import sample_windows
 from distributed import (Processes, StopOnCtrlC, broadcast_weights, checkpoint_activations, consolidate, from_rank0,
                          gathered_rng, load_sharded, local_bytes, local_leader_first, processes, read_train_state,
                          restore_rng, run_folder_lock, save_sharded, sharded_model)
 from generate import sample_next
-from load_gpt2 import add_init_args, load_model, model_card, tokenizer_for
+from load_gpt2 import add_init_args, check_preset, load_model, model_card, tokenizer_for
 from loss_curve import write_loss_svg
 from model import (DTYPES, GPT, GPTConfig, add_device_args, autocast, get_config, load_checkpoint, missing_compiler,
                    resolve_device, resolve_dtype, save_checkpoint)
 from planner import init_config, make_plan, peak_flops, peak_memory, report_plan
 from tokenizer_base import bos
+
 
 
 
@@ -141,10 +142,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "single-file checkpoint beside it (best.pt, ckpt.pt), which generate.py, the finetunes "
                         "and load_gpt2.py --export read; trains nothing")
     args = p.parse_args(argv)
+    check_preset(p, args.init, args.preset)
     if args.init == "random":
         args.preset = args.preset or "mini"
-    elif args.preset is not None:
-        p.error(f"--preset only applies to --init random; {args.init} brings its own size")
     elif args.tokenizer is not None:
         p.error(f"--tokenizer only applies to --init random; {args.init} brings its own tokenizer")
     if args.resume and args.force:

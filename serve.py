@@ -41,13 +41,14 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from tokenizer_base import bos
-
 from common import ArgumentParser, UserError, positive_int, run_stage
-from generate import TextStream, check_sampling, load_for_generation, prompt_ids as text_ids, sample_next
+from generate import TextStream, check_sampling, encode_prompt, load_for_generation, sample_next
 from load_gpt2 import add_init_args, tokenizer_for
 from model import KVCache, add_device_args, device_and_dtype
 from templates import FAMILY_TEMPLATES, TEMPLATES, Template, encode_template_text, stop_ids
+from tokenizer_base import bos
+
+
 
 API_KEY_ENV = "SERVE_API_KEY"  # the environment variable --api-key defaults to
 MAX_BODY_BYTES = 1 << 20  # a request body above this is refused (413) before it is read
@@ -366,7 +367,7 @@ def completion_prompt(tokenizer, prompt) -> list[int]:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
     if isinstance(prompt, str):
-        return text_ids(tokenizer, prompt)
+        return encode_prompt(tokenizer, prompt)
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
                                                    for t in prompt):
         return prompt

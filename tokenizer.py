@@ -26,11 +26,12 @@ import tiktoken
 from common import (ArgumentParser, UserError, _number_flag, atomic_write, positive_int, run_stage, unit_interval,
                     writable_file, writable_folder)
 from corpus import corpus_files, open_error, prepare_corpus, read_text
-from download import MISTRAL_REPO, fetch
+from download import MISTRAL_REPO, fetch, fetch_all
 from hf_tokenizer import HFTokenizer, read_tokenizer_json
 from sentencepiece_tokenizer import SentencePieceTokenizer, read_sentencepiece
 from tokenizer_base import (encode_with_specials, line_break_run, lone_surrogates_replaced, special_pattern,
                             stream_encode, token_bytes, token_text)
+
 
 
 # ----------------------------------------------------------------------------------------------
@@ -313,8 +314,10 @@ class BPETokenizer:
     @classmethod
     def from_gpt2_files(cls, encoder_path: Path | None = None, vocab_path: Path | None = None) -> "BPETokenizer":
         """OpenAI's GPT-2 tokenizer; the two files are downloaded into the cache when not given."""
-        ranks, special = read_gpt2_files(encoder_path or fetch("gpt2/encoder.json"),
-                                         vocab_path or fetch("gpt2/vocab.bpe"))
+        if encoder_path is None or vocab_path is None:
+            cached = fetch_all("GPT-2's BPE files", "gpt2/encoder.json", "gpt2/vocab.bpe")
+            encoder_path, vocab_path = encoder_path or cached[0], vocab_path or cached[1]
+        ranks, special = read_gpt2_files(encoder_path, vocab_path)
         return cls(ranks, special, GPT2_PATTERN)
 
 
@@ -366,7 +369,7 @@ class TiktokenGPT2(tiktoken.Encoding):
 def _build_tokenizer(backend: str) -> "TiktokenGPT2 | BPETokenizer":
     if backend == "scratch":
         return BPETokenizer.from_gpt2_files()
-    ranks, special = read_gpt2_files(fetch("gpt2/encoder.json"), fetch("gpt2/vocab.bpe"))
+    ranks, special = read_gpt2_files(*fetch_all("GPT-2's BPE files", "gpt2/encoder.json", "gpt2/vocab.bpe"))
     # Built from our cached files rather than tiktoken.get_encoding("gpt2"), which would download
     # them again into its own cache.
     return TiktokenGPT2(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,

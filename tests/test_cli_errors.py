@@ -91,14 +91,14 @@ def places(tmp_path_factory) -> dict[str, str]:
     (root / "empty").write_bytes(b"")
     (root / "junk").write_bytes(np.random.default_rng(0).bytes(4096))
     (root / "bad.json").write_text('[{"instruction": "a"}]')  # instruction data without an output
-    import load_gpt2
-    load_gpt2.write_safetensors({"w": torch.zeros(2, 2)}, root / "st.safetensors")
+    from safetensors_file import write_safetensors
+    write_safetensors({"w": torch.zeros(2, 2)}, root / "st.safetensors")
     # a run folder with a finished pretraining run, a spam classifier and an exported model in it
     out = root / "out"
     import model as M
     tiny = M.GPT(M.get_config("tiny"))
-    M.save_checkpoint(out / "ckpt.pt", tiny, step=1)
-    M.save_checkpoint(out / "classifier.pt", tiny)
+    M.save_checkpoint(out / "ckpt.pt", tiny, step=1, model_type="gpt2", tokenizer="gpt2")
+    M.save_checkpoint(out / "classifier.pt", tiny, model_type="gpt2", tokenizer="gpt2")
     (out / "metrics.jsonl").write_text("{}\n")
     (out / "config.json").write_text("{}")
     (out / "model.safetensors").write_bytes(b"x")

@@ -6,7 +6,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from download import DownloadError, download
+import download as D
+from download import DownloadError, download, download_set
 
 
 
@@ -112,6 +113,52 @@ def test_no_connection_gives_one_clear_sentence(tmp_path):
     assert url in message and str(tmp_path / "file.txt") in message and "by hand" in message
     assert "\n" not in message
     assert files_in(tmp_path) == []
+
+
+def test_every_missing_file_of_a_set_is_named_in_one_message(server, tmp_path):
+    """Offline, a learner who places the one file a message names should not then learn of the next."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    offline = f"http://127.0.0.1:{port}"
+    files = [(f"{offline}/encoder.json", "gpt2/encoder.json", {"cache": tmp_path}),
+             (f"{offline}/vocab.bpe", "gpt2/vocab.bpe", {"cache": tmp_path})]
+    with pytest.raises(DownloadError) as error:
+        download_set("GPT-2's BPE files", files)
+    message = str(error.value)
+    assert message.startswith("could not download GPT-2's BPE files (no connection to the server)")
+    for url, relpath, _ in files:
+        assert f"{url} as {tmp_path / relpath}" in message
+    assert "\n" not in message and files_in(tmp_path) == []
+    # with one of them in place, only the other is named
+    (tmp_path / "gpt2/encoder.json").write_text("{}")
+    with pytest.raises(DownloadError) as error:
+        download_set("GPT-2's BPE files", files)
+    assert "vocab.bpe" in str(error.value) and "encoder.json" not in str(error.value)
+
+
+def test_fetch_all_names_gpt2s_two_files_when_both_are_missing(monkeypatch, tmp_path):
+    monkeypatch.setenv("LLM_CACHE_DIR", str(tmp_path))
+
+    def no_network(*args, **kwargs):
+        raise D.requests.ConnectionError("offline")
+    monkeypatch.setattr(D.requests, "get", no_network)
+    with pytest.raises(DownloadError) as error:
+        D.fetch_all("GPT-2's BPE files", "gpt2/encoder.json", "gpt2/vocab.bpe")
+    assert str(tmp_path / "gpt2/encoder.json") in str(error.value) and str(tmp_path / "gpt2/vocab.bpe") in str(error.value)
+
+
+def test_the_tiny_presets_mistral_tokenizer_comes_from_an_ungated_source(monkeypatch, tmp_path):
+    """No Hub account for mistral-tiny & co: the same bytes (checked by sha256) from mistral-common's
+    public repository, into the cache path of the Hub's file, with no token sent."""
+    monkeypatch.setenv("LLM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    calls = []
+    monkeypatch.setattr(D, "download", lambda url, relpath, **options: calls.append((url, relpath, options)))
+    D.fetch("hf/mistralai/Mistral-7B-v0.1/tokenizer.model")
+    (url, relpath, options), = calls
+    assert url.startswith("https://raw.githubusercontent.com/mistralai/mistral-common/") and not options["headers"]
+    assert options["sha256"] == "dadfd56d766715c61d2ef780a525ab43b8e6da4de6865bda3d95fdef5e134055"
 
 
 def test_large_download_shows_progress(server, tmp_path, capsys):

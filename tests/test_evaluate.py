@@ -465,7 +465,7 @@ def test_an_overfit_model_recalls_its_text_and_a_random_one_does_not(tmp_path, t
     (tmp_path / "text.txt").write_text(MEMORY_TEXT)
     ids = tok.encode_ordinary(MEMORY_TEXT)
     model = overfit(tiny_model(seed=1), ids, span=16, prefix=8)
-    save_checkpoint(tmp_path / "overfit.pt", model)
+    save_checkpoint(tmp_path / "overfit.pt", model, model_type="gpt2", tokenizer="gpt2")
     flags = ["--data", tmp_path / "text.txt", "--prefix", "8", "--suffix", "8", "--samples", "12", "--seed", "3"]
     recalled = run_cli("memorization", "--init", tmp_path / "overfit.pt", *flags)
     assert (recalled["exact_fraction"], recalled["samples"]) == (1.0, 12)

@@ -20,14 +20,24 @@ from fixtures.hub_config import hub_layout
 
 import load_gpt2
 from common import UserError
-from generate import generate, left_pad
+from generate import cpu_head, generate, left_pad, next_logits
 from load_gpt2 import export_hf, load_model, load_pretrained
+from safetensors_file import SafetensorsFile, write_safetensors
 
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "tests" / "fixtures"
 FAMILIES = ("mistral", "phi", "phi3", "llama")
 TINY_PRESETS = ("mistral-tiny", "llama-tiny", "phi-2-tiny", "phi-3-tiny")
+
+
+def load_weights_of(path: Path, dtype: torch.dtype = torch.float32) -> M.GPT:
+    return load_pretrained(path, dtype=dtype)[0]
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    file = SafetensorsFile(path)
+    return {name: file.tensor(name) for name in file.names()}
 
 
 def fixture(family: str) -> Path:
@@ -135,12 +145,16 @@ def test_batched_generation_equals_each_row_alone(loaded):
         assert together[i].tolist() == greedy_recomputed(model, torch.tensor([row]), 10)
 
 
-def test_head_t_path_adds_the_lm_head_bias(loaded):
+def test_decoding_with_the_transposed_cpu_head_adds_the_lm_head_bias(loaded):
+    """generate.py's CPU head product (hidden states @ a transposed copy of the head) equals the model's
+    own head, bias included (Phi-2's head has one)."""
     family, model, _ = loaded
     ids = torch.from_numpy(reference(family)["input_ids"][:, :9])
+    head_t = cpu_head(model)
+    assert head_t is not None and head_t.shape == model.lm_head.weight.shape[::-1]
     with torch.no_grad():
-        plain = model(ids, last_only=True)[0]
-        transposed = model(ids, last_only=True, head_t=model.lm_head.weight.t().contiguous())[0]
+        plain = model(ids, last_only=True)[0][:, -1]
+        transposed = next_logits(model, ids, head_t)
     torch.testing.assert_close(transposed, plain, rtol=0, atol=1e-5)
 
 
@@ -173,9 +187,9 @@ def test_sharded_fixture_fills_fused_matrices_across_shards():
     index = json.loads((fixture("mistral") / "model.safetensors.index.json").read_text())["weight_map"]
     # gate_proj and up_proj of one layer live in different shards and fill one c_fc matrix
     assert index["model.layers.0.mlp.gate_proj.weight"] != index["model.layers.0.mlp.up_proj.weight"]
-    model = load_gpt2.load_gpt2(fixture("mistral"))
-    gate = load_gpt2.read_safetensors(fixture("mistral") / index["model.layers.0.mlp.gate_proj.weight"])
-    up = load_gpt2.read_safetensors(fixture("mistral") / index["model.layers.0.mlp.up_proj.weight"])
+    model = load_weights_of(fixture("mistral"))
+    gate = read_tensors(fixture("mistral") / index["model.layers.0.mlp.gate_proj.weight"])
+    up = read_tensors(fixture("mistral") / index["model.layers.0.mlp.up_proj.weight"])
     c_fc = model.transformer.h[0].mlp.c_fc.weight
     assert torch.equal(c_fc, torch.cat([gate["model.layers.0.mlp.gate_proj.weight"],
                                         up["model.layers.0.mlp.up_proj.weight"]]))
@@ -183,9 +197,9 @@ def test_sharded_fixture_fills_fused_matrices_across_shards():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_bfloat16_fixture_loads_in_every_dtype(dtype):
-    tensors = load_gpt2.read_safetensors(fixture("llama") / "model.safetensors")
+    tensors = read_tensors(fixture("llama") / "model.safetensors")
     assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
-    model = load_gpt2.load_gpt2(fixture("llama"), dtype=dtype)
+    model = load_weights_of(fixture("llama"), dtype=dtype)
     assert {p.dtype for p in model.parameters()} == {dtype}
     embedding = tensors["model.embed_tokens.weight"]
     assert torch.equal(model.transformer.wte.weight, embedding.to(dtype))
@@ -193,17 +207,17 @@ def test_bfloat16_fixture_loads_in_every_dtype(dtype):
 
 
 def test_phi3_fused_tensors_are_copied_exactly():
-    tensors = load_gpt2.read_safetensors(fixture("phi3") / "model.safetensors")
-    model = load_gpt2.load_gpt2(fixture("phi3"))
+    tensors = read_tensors(fixture("phi3") / "model.safetensors")
+    model = load_weights_of(fixture("phi3"))
     assert torch.equal(model.transformer.h[1].attn.c_attn.weight, tensors["model.layers.1.self_attn.qkv_proj.weight"])
     assert torch.equal(model.transformer.h[1].mlp.c_fc.weight, tensors["model.layers.1.mlp.gate_up_proj.weight"])
 
 
 def test_missing_tensor_is_named_in_one_sentence(tmp_path):
     shutil.copytree(fixture("phi"), tmp_path / "phi")
-    tensors = load_gpt2.read_safetensors(tmp_path / "phi" / "model.safetensors")
+    tensors = read_tensors(tmp_path / "phi" / "model.safetensors")
     del tensors["model.layers.1.self_attn.k_proj.bias"]
-    load_gpt2.write_safetensors(tensors, tmp_path / "phi" / "model.safetensors")
+    write_safetensors(tensors, tmp_path / "phi" / "model.safetensors")
     with pytest.raises(UserError, match=r"1 missing \(model.layers.1.self_attn.k_proj.bias\)") as error:
         load_model(str(tmp_path / "phi"))
     assert "\n" not in str(error.value)
@@ -263,7 +277,7 @@ def test_export_shards_above_the_limit_like_the_hub(tmp_path):
     assert index["metadata"]["total_size"] == sum(
         np.prod(v["shape"]) * 4 for shard in shards for v in header_of(tmp_path / shard).values())
     assert not (tmp_path / "model.safetensors").exists()
-    again = load_gpt2.load_gpt2(tmp_path)
+    again = load_weights_of(tmp_path)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
 
 
@@ -276,7 +290,7 @@ def test_export_refuses_a_folder_holding_a_model_unless_forced(tmp_path):
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing touched
     export_hf(model, tmp_path, card, force=True)  # one file now: the old shards and index go
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
-    assert load_gpt2.load_gpt2(tmp_path).config == model.config
+    assert load_weights_of(tmp_path).config == model.config
 
 
 def test_export_refuses_a_family_that_cannot_express_the_model(tmp_path):

@@ -11,8 +11,9 @@ import torch
 import generate as G
 import model as M
 
-from common import run_stage
+from common import UserError, run_stage
 from tokenizer_base import bos
+
 
 
 REPO = Path(__file__).resolve().parent.parent
@@ -277,6 +278,18 @@ BAD_FLAGS = [["--temperature", "nan"], ["--temperature", "-1"], ["--temperature"
              ["--quantize", "int4"], ["--dtype", "float64"], ["--device", "cuda:7"]]
 
 
+def test_a_checkpoint_not_yet_trained_is_named_with_the_stage_that_writes_it(tmp_path):
+    """generate.py --init out/pretrain/best.pt before any training: not "neither a GPT-2 name, nor ..."."""
+    best = tmp_path / "out" / "pretrain" / "best.pt"
+    with pytest.raises(UserError, match=f"checkpoint {best} does not exist \\(python pretrain.py writes it"):
+        G.main(G.parse_args(["--init", str(best), "--prompt", "Hi", "--device", "cpu"]))
+
+
+def test_preset_beside_a_model_that_brings_its_own_size_is_refused():
+    with pytest.raises(UserError, match="--preset only applies to --init random; gpt2 brings its own size"):
+        G.parse_args(["--init", "gpt2", "--preset", "tiny"])
+
+
 @pytest.mark.parametrize("flags", BAD_FLAGS, ids=[" ".join(f) for f in BAD_FLAGS])
 def test_meaningless_flags_are_refused_when_parsed(flags, capsys):
     """Refused when parsed, before any model or tokenizer is loaded: run_stage (the script's own last
@@ -331,21 +344,21 @@ def cli_args(**flags) -> argparse.Namespace:
 
 
 def test_prompts_start_with_the_familys_bos_and_gpt2_samples_start_from_endoftext():
-    assert G.prompt_ids(FakeTokenizer(eos_id=2), "ab") == [0, 197, 198]
-    assert G.prompt_ids(FakeTokenizer(eos_id=2), "") == [0]
+    assert G.encode_prompt(FakeTokenizer(eos_id=2), "ab") == [0, 197, 198]
+    assert G.encode_prompt(FakeTokenizer(eos_id=2), "") == [0]
 
 
 @pytest.mark.needs_files(*GPT2_FILES)
 def test_gpt2_prompts_have_no_bos_and_unconditional_samples_start_from_endoftext():
     from load_gpt2 import tokenizer_for
     gpt2 = tokenizer_for({"model_type": "gpt2", "tokenizer": "gpt2"})
-    assert bos(gpt2) == [] and G.prompt_ids(gpt2, "") == [gpt2.eot_token]
-    assert G.prompt_ids(gpt2, "Hi<|endoftext|>") == [17250, gpt2.eot_token]
+    assert bos(gpt2) == [] and G.encode_prompt(gpt2, "") == [gpt2.eot_token]
+    assert G.encode_prompt(gpt2, "Hi<|endoftext|>") == [17250, gpt2.eot_token]
 
 
 def test_generation_stops_at_the_tokenizers_eos_and_shows_the_prompt_as_typed(tiny, capsys):
     prompt = "ab"
-    ids = torch.tensor([G.prompt_ids(FakeTokenizer(2), prompt)])
+    ids = torch.tensor([G.encode_prompt(FakeTokenizer(2), prompt)])
     first, second = run(tiny, ids, 2, temperature=1.0, top_k=200, generator=torch.Generator().manual_seed(0))[0].tolist()
     assert first != second
     result = G.generate_text(tiny, FakeTokenizer(eos_id=second), prompt, cli_args(max_new_tokens=10, temperature=1.0),

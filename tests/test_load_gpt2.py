@@ -9,6 +9,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +20,9 @@ from conftest import run_in_process
 
 import load_gpt2
 from common import UserError
-from load_gpt2 import (SafetensorsError, SafetensorsFile, export_hf, load_gpt2 as load, load_model, read_safetensors,
-                       write_safetensors)
+import download
+from load_gpt2 import export_hf, load_model, load_pretrained
+from safetensors_file import SafetensorsError, SafetensorsFile, write_safetensors
 from model import GPTConfig, get_config, save_checkpoint
 
 
@@ -28,6 +30,17 @@ REPO = Path(__file__).resolve().parent.parent
 FIXTURE = REPO / "tests" / "fixtures" / "hf_tiny_gpt2"
 REFERENCE = np.load(FIXTURE / "reference.npz")
 FIXTURE_CONFIG = GPTConfig(vocab_size=1000, block_size=64, n_layer=2, n_head=2, n_embd=32)
+
+
+def load(name_or_path, dtype: torch.dtype = torch.float32):
+    """Hub-layout weights as our GPT, without the card."""
+    return load_pretrained(name_or_path, dtype=dtype)[0]
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, memory-mapped, in file order."""
+    file = SafetensorsFile(path)
+    return {name: file.tensor(name) for name in file.names()}
 
 
 @torch.no_grad()
@@ -154,10 +167,17 @@ def test_load_model_random_needs_a_known_preset():
 
 def test_load_model_reads_our_checkpoint(tmp_path):
     model = load_gpt2.GPT(get_config("tiny"))
-    save_checkpoint(tmp_path / "ckpt.pt", model, step=7)
-    loaded, extra = load_model(str(tmp_path / "ckpt.pt"))
-    assert extra == {"step": 7, "model_type": "gpt2", "tokenizer": "gpt2"}  # written before cards: GPT-2's
+    save_checkpoint(tmp_path / "ckpt.pt", model, step=7, model_type="gpt2", tokenizer="gpt2")
+    loaded, card = load_model(str(tmp_path / "ckpt.pt"))
+    assert card == {"step": 7, "model_type": "gpt2", "tokenizer": "gpt2"}
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+
+
+def test_a_checkpoint_without_a_card_is_refused_with_what_to_do(tmp_path):
+    """No stage could tell which tokenizer such a model needs; guessing GPT-2's was a shim for old files."""
+    save_checkpoint(tmp_path / "old.pt", load_gpt2.GPT(get_config("tiny")), step=7)
+    with pytest.raises(UserError, match=r"old.pt has no model card \(model_type and tokenizer\).*save it again"):
+        load_model(str(tmp_path / "old.pt"))
 
 
 def test_load_model_bad_checkpoint_is_a_user_error(tmp_path):
@@ -237,6 +257,29 @@ def test_unsupported_config_is_refused(tmp_path, change, message):
         load(tmp_path)
 
 
+def test_a_model_folder_missing_its_config_and_weights_names_both(tmp_path):
+    with pytest.raises(UserError, match=r"has no model.safetensors \(nor .*\), and no config.json; put the model's"):
+        load_model(str(tmp_path))
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(UserError, match=r"has no model.safetensors \(nor .*\); put the model's") as error:
+        load_model(str(tmp_path))
+    assert "config.json" not in str(error.value)
+
+
+def test_a_config_that_does_not_fit_its_weights_is_refused_within_a_second(tmp_path):
+    """n_layer 100,000 of width 8,192 beside a 2-layer file: checked against the headers before any
+    module is built (building them first took minutes and gigabytes)."""
+    shutil.copy(FIXTURE / "model.safetensors", tmp_path / "model.safetensors")
+    config = json.loads((FIXTURE / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "n_layer": 100_000, "n_embd": 8192}))
+    start = time.perf_counter()
+    with pytest.raises(UserError, match=r"does not fit its weights \(n_layer is 100000, but the weights hold 2 "
+                                        r"layers; vocab_size x n_embd is 1000 x 8192, but transformer.wte.weight "
+                                        r"is 1000 x 32\)"):
+        load_model(str(tmp_path))
+    assert time.perf_counter() - start < 1.0
+
+
 # --- downloads (the network is replaced; tokenizer.download is tested with the tokenizer) ------------
 
 def test_gpt2_name_downloads_pinned_files(monkeypatch):
@@ -246,7 +289,7 @@ def test_gpt2_name_downloads_pinned_files(monkeypatch):
         calls.append((url, relpath, sha256, size))
         return FIXTURE / Path(relpath).name
 
-    monkeypatch.setattr(load_gpt2, "download", fake_download)
+    monkeypatch.setattr(download, "download", fake_download)
     monkeypatch.setattr(load_gpt2, "hub_file_info", lambda repo, filename: pytest.fail("pinned files need no API"))
     assert load("gpt2").config == FIXTURE_CONFIG
     assert calls == [
@@ -270,7 +313,7 @@ def test_other_sizes_verify_against_the_hub_listing(monkeypatch):
         def json(self):
             return listing
 
-    monkeypatch.setattr(load_gpt2.requests, "get", lambda url, timeout, headers: Response())
+    monkeypatch.setattr(download.requests, "get", lambda url, timeout, headers: Response())
     assert load_gpt2.hub_file_info("openai-community/gpt2-medium", "model.safetensors") == (1519, "f" * 64)
     assert load_gpt2.hub_file_info("openai-community/gpt2-medium", "config.json") == (718, None)
     with pytest.raises(UserError, match="tokenizer.json"):
@@ -404,7 +447,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_main_exports_a_checkpoint(tmp_path):
     model = load_gpt2.GPT(get_config("tiny"))
-    save_checkpoint(tmp_path / "ckpt.pt", model)
+    save_checkpoint(tmp_path / "ckpt.pt", model, model_type="gpt2", tokenizer="gpt2")
     args = load_gpt2.parse_args(["--export", str(tmp_path / "hf"), "--init", str(tmp_path / "ckpt.pt"), "--device", "cpu"])
     result = load_gpt2.main(args)
     assert result["params"] == model.num_params() and result["export"] == str(tmp_path / "hf")
@@ -414,14 +457,14 @@ def test_main_exports_a_checkpoint(tmp_path):
 
 def test_cli_shows_next_tokens_from_a_local_folder(tmp_path):
     export_hf(load_gpt2.GPT(get_config("tiny")), tmp_path)
-    result = run_cli("--model", str(tmp_path), "--prompt", "Hello", "--top", "3", "--device", "cpu")
+    result = run_cli("--init", str(tmp_path), "--prompt", "Hello", "--top", "3", "--device", "cpu")
     assert result.returncode == 0, result.stderr
     assert "3,320,640 parameters" in result.stdout and "after 'Hello' the model expects:" in result.stdout
     assert result.stdout.count("%") == 3
 
 
 def test_cli_user_error_is_one_line(tmp_path):
-    result = run_cli("--model", str(tmp_path / "nowhere"))
+    result = run_cli("--init", str(tmp_path / "nowhere"))
     assert result.returncode == 1
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
 
@@ -440,7 +483,7 @@ def fake_hub(monkeypatch, tmp_path, repo_files: dict[str, Path], status: int = 2
 
         def raise_for_status(self):
             if status != 200:
-                error = load_gpt2.requests.HTTPError(f"{status}")
+                error = download.requests.HTTPError(f"{status}")
                 error.response = self
                 raise error
 
@@ -462,8 +505,8 @@ def fake_hub(monkeypatch, tmp_path, repo_files: dict[str, Path], status: int = 2
         shutil.copyfile(repo_files[name], dest)
         return dest
 
-    monkeypatch.setattr(load_gpt2.requests, "get", fake_get)
-    monkeypatch.setattr(load_gpt2, "download", fake_download)
+    monkeypatch.setattr(download.requests, "get", fake_get)
+    monkeypatch.setattr(download, "download", fake_download)
     return calls
 
 
@@ -487,8 +530,8 @@ def test_hub_repo_downloads_config_tokenizer_index_and_shards_once(monkeypatch, 
     reference = np.load(FAMILY_FIXTURE / "reference.npz")
     assert np.abs(logits_of(model, reference["input_ids"]) - reference["logits"]).max() < 1e-4
     # a second load reads the cache and never asks the Hub
-    monkeypatch.setattr(load_gpt2.requests, "get", lambda *a, **k: pytest.fail("the Hub was asked again"))
-    monkeypatch.setattr(load_gpt2, "download", lambda *a, **k: pytest.fail("downloaded again"))
+    monkeypatch.setattr(download.requests, "get", lambda *a, **k: pytest.fail("the Hub was asked again"))
+    monkeypatch.setattr(download, "download", lambda *a, **k: pytest.fail("downloaded again"))
     assert load_model("acme/tiny-mistral")[1] == card
 
 
@@ -510,6 +553,16 @@ def test_hub_refusals_say_what_to_do(monkeypatch, tmp_path, status, token, messa
     assert "\n" not in str(error.value)
 
 
+def test_offline_a_hub_repo_says_where_its_files_go(monkeypatch, tmp_path):
+    monkeypatch.setenv("LLM_CACHE_DIR", str(tmp_path))
+
+    def offline(*args, **kwargs):
+        raise download.requests.ConnectionError("no network")
+    monkeypatch.setattr(download.requests, "get", offline)
+    with pytest.raises(UserError, match=f"or put the repo's files into {tmp_path / 'hf/acme/tiny'}$"):
+        load_model("acme/tiny")
+
+
 def test_an_unsupported_hub_family_stops_before_the_weights(monkeypatch, tmp_path):
     monkeypatch.setenv("LLM_CACHE_DIR", str(tmp_path / "cache"))
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba"}))
@@ -523,10 +576,14 @@ def test_an_unsupported_hub_family_stops_before_the_weights(monkeypatch, tmp_pat
 def test_a_missing_local_path_is_not_taken_for_a_repo(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "out").mkdir()
-    monkeypatch.setattr(load_gpt2.requests, "get", lambda *a, **k: pytest.fail("asked the Hub"))
-    for name in ("out/ckpt.pt", "out/model", "nowhere/model.safetensors"):
+    monkeypatch.setattr(download.requests, "get", lambda *a, **k: pytest.fail("asked the Hub"))
+    for name in ("out/model", "nowhere/model.safetensors"):
         with pytest.raises(UserError, match="neither a GPT-2 name"):
             load_model(name)
+    with pytest.raises(UserError, match=r"checkpoint out/ckpt.pt does not exist \(python pretrain.py writes it"):
+        load_model("out/ckpt.pt")
+    with pytest.raises(UserError, match=r"out/mine.pt does not exist \(the stages write theirs as best.pt \(pretrain.py\)"):
+        load_model("out/mine.pt")
     assert load_gpt2.is_hub_repo("mistralai/Mistral-7B-v0.1") and not load_gpt2.is_hub_repo("a/b/c")
 
 

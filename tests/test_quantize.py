@@ -73,6 +73,15 @@ def test_quantize_rows_is_within_half_a_step_per_row():
     assert ((q.float() * scales[:, None] - w).abs() <= half_step * (1 + 1e-5) + 1e-12).all()
 
 
+def int8_linear(linear: nn.Linear) -> G.Int8Linear:
+    return G.Int8Linear(*G.quantize_rows(linear.weight.detach()), linear.bias)
+
+
+def tensor_bytes(model: nn.Module) -> int:
+    """The bytes of a model's parameters and buffers, a shared (tied) tensor once; works on meta."""
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
 @pytest.mark.parametrize("n_in, shape", [(64, (3, 5)), (64, (2, 40)), (24, (3, 5))],
                          ids=["cpu kernel", "prompt: dequantised blocks", "in not a multiple of 16"])
 def test_int8_linear_computes_the_dequantised_product(n_in, shape, monkeypatch):
@@ -81,7 +90,7 @@ def test_int8_linear_computes_the_dequantised_product(n_in, shape, monkeypatch):
     rounds x and its result to bfloat16 (relative 2^-8 each)."""
     monkeypatch.setattr(G.Int8Linear, "DEQUANTISE_ELEMENTS", 7 * n_in)
     linear = nn.Linear(n_in, 40)
-    layer = G.Int8Linear.from_linear(linear)
+    layer = int8_linear(linear)
     x = torch.randn(*shape, n_in)
     dequantised = layer.weight.float() * layer.scales[:, None]
     want = F.linear(x, dequantised, linear.bias)
@@ -98,7 +107,7 @@ def test_int8_linear_computes_the_dequantised_product(n_in, shape, monkeypatch):
 def test_int8_kernel_takes_inputs_that_start_anywhere():
     """The CPU kernel reads rows with aligned vector loads: a bfloat16 view that starts 16 bytes into its
     storage crashed the process before Int8Linear copied such inputs."""
-    layer = G.Int8Linear.from_linear(nn.Linear(64, 32).to(torch.bfloat16))
+    layer = int8_linear(nn.Linear(64, 32).to(torch.bfloat16))
     storage = torch.randn(1, 200, dtype=torch.bfloat16)
     x = storage[:, 8:72]  # contiguous, 16 bytes past an aligned start
     assert x.is_contiguous() and x.data_ptr() % 64 != 0
@@ -106,7 +115,7 @@ def test_int8_kernel_takes_inputs_that_start_anywhere():
 
 
 def test_int8_linear_keeps_the_activations_dtype():
-    layer = G.Int8Linear.from_linear(nn.Linear(32, 16).to(torch.bfloat16))
+    layer = int8_linear(nn.Linear(32, 16).to(torch.bfloat16))
     assert layer.scales.dtype == torch.bfloat16
     assert layer(torch.randn(2, 32, dtype=torch.bfloat16)).dtype == torch.bfloat16
 
@@ -116,7 +125,7 @@ def test_compiled_int8_linear_matches_eager():
     """generate.py --compile on a CPU: frozen weights and autotuning, in which inductor lowers the int8
     product to its own GEMM (a lowering that failed when the scales were not folded into constants)."""
     torch.manual_seed(0)
-    layer = nn.Sequential(G.Int8Linear.from_linear(nn.Linear(64, 128))).eval()
+    layer = nn.Sequential(int8_linear(nn.Linear(64, 128))).eval()
     x = torch.randn(1, 1, 64)
     with torch.inference_mode():
         compiled = G.compile_for_generation(layer, torch.device("cpu"))(x)
@@ -130,7 +139,7 @@ def test_compiled_int8_linear_matches_eager():
 
 def test_int8_weights_take_about_a_quarter_of_float32(pair):
     preset, fp32, int8 = pair
-    ratio = G.tensor_bytes(int8) / G.tensor_bytes(fp32)
+    ratio = tensor_bytes(int8) / tensor_bytes(fp32)
     assert 0.25 <= ratio < 0.28, f"{preset}: {ratio:.3f}"  # int8 matrices, plus scales, norms, biases
     linears = [m for m in int8.modules() if type(m) is nn.Linear]
     assert not linears and isinstance(int8.lm_head, G.Int8Linear)  # the LM head is included
@@ -220,9 +229,9 @@ def test_a_7b_model_in_int8_needs_about_8_gb():
     """Sized on the meta device (no memory): Mistral 7B's weights in int8."""
     with torch.device("meta"):
         model = M.GPT(M.get_config("mistral-7b"))
-    assert 28.5e9 < G.tensor_bytes(model) < 29.5e9  # float32
+    assert 28.5e9 < tensor_bytes(model) < 29.5e9  # float32
     G.quantize_int8(model)
-    assert 7.0e9 < G.tensor_bytes(model) < 7.5e9  # plus the KV cache and the runtime: about 8 GB
+    assert 7.0e9 < tensor_bytes(model) < 7.5e9  # plus the KV cache and the runtime: about 8 GB
 
 
 def test_loading_for_int8_reads_bfloat16_and_quantises(tmp_path):

@@ -50,7 +50,7 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))  # the repository root: model.py & co.
 from bench_parts.load import PEAK_RSS  # noqa: E402
-from generate import compile_for_generation, generate, load_for_generation, tensor_bytes
+from generate import compile_for_generation, generate, load_for_generation
 from load_gpt2 import export_hf
 from model import DTYPES, GPT, PRESETS, get_config
 from tokenizer import UserError
@@ -154,6 +154,11 @@ def top1_agreement(model: GPT, prompt: torch.Tensor, reference: list[int]) -> fl
     return (choices == torch.tensor(reference)).float().mean().item()
 
 
+def weights_bytes(model: torch.nn.Module) -> int:
+    """The bytes of a model's parameters and buffers; a tied table counts once."""
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
 def measure_variant(spec: dict, peak_rss) -> dict:
     """Run in a fresh process (WORKER): load, decode, measure. spec: folder, variant, prompt, new_tokens,
     threads, and float32's tokens as "reference" (none for float32 itself)."""
@@ -171,7 +176,7 @@ def measure_variant(spec: dict, peak_rss) -> dict:
         tokens, seconds = timed_decode(compile_for_generation(model, torch.device("cpu")), prompt, n, warmup=n)
     else:
         tokens, seconds = timed_decode(model, prompt, n, warmup=8)
-    result = {"tokens": tokens, "seconds": seconds, "weights_bytes": tensor_bytes(model), "import_rss": import_rss,
+    result = {"tokens": tokens, "seconds": seconds, "weights_bytes": weights_bytes(model), "import_rss": import_rss,
               "peak_rss": peak_rss()}
     if spec.get("reference"):
         result["top1_agree"] = top1_agreement(model, prompt, spec["reference"][:AGREEMENT_TOKENS])

@@ -60,7 +60,7 @@ import torch, load_gpt2
 {PEAK_RSS}
 before = peak_rss()
 start = time.perf_counter()
-model = load_gpt2.load_gpt2(sys.argv[1], dtype=getattr(torch, sys.argv[2]))
+model, _ = load_gpt2.load_model(sys.argv[1], dtype=getattr(torch, sys.argv[2]))
 seconds = time.perf_counter() - start
 peak = peak_rss()
 for p in model.parameters():  # read every weight once, as a forward pass would
@@ -87,13 +87,14 @@ OURS_DECODE = f"""
 import json, resource, sys, time
 sys.path.insert(0, {str(REPO)!r})
 import torch, load_gpt2
+from generate import generate, load_for_generation
 {PEAK_RSS}
 before = peak_rss()
 start = time.perf_counter()
 if sys.argv[4] == "int8":
     model, _ = load_for_generation(sys.argv[1], dtype=torch.bfloat16, quantize="int8")
 else:
-    model = load_gpt2.load_gpt2(sys.argv[1], dtype=torch.bfloat16)
+    model, _ = load_gpt2.load_model(sys.argv[1], dtype=torch.bfloat16)
 model.eval()
 seconds = time.perf_counter() - start
 peak = peak_rss()
@@ -103,7 +104,7 @@ for token in generate(model, prompt, int(sys.argv[3]), temperature=0):
     tokens.append(int(token))
     times.append(time.perf_counter())
 print(json.dumps({{"seconds": seconds, "import_rss": before, "peak_rss": peak, "decode_rss": peak_rss(),
-                  "weights_bytes": tensor_bytes(model),
+                  "weights_bytes": sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())),
                   "first_token_s": times[1] - times[0], "later_tokens_s": times[-1] - times[1], "tokens": tokens}}))
 """
 
