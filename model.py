@@ -30,6 +30,7 @@ import torch.nn.functional as F
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rotary")
 MLPS = ("gelu_tanh", "gelu", "swiglu")
+IGNORE = -100  # a target that cross_entropy skips: padding, a prompt not learned, a position not scored
 
 
 @dataclass
@@ -547,7 +548,7 @@ class GPT(nn.Module):
         and the (B, T, V) head is the most expensive matmul of a small model.
         head_t (C, V): the LM head's weight transposed and contiguous, used instead of lm_head's weight
         (same numbers; its bias, if any, is added); see generate.py for why decoding on a CPU passes one.
-        Targets of -100 are ignored.
+        Targets of IGNORE are skipped.
         """
         x = self.hidden(idx, attention_mask=attention_mask, positions=positions,
                         kv_cache=kv_cache, cache_positions=cache_positions)
@@ -561,7 +562,7 @@ class GPT(nn.Module):
                 logits = logits + self.lm_head.bias
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE)
         return logits, loss
 
     def num_params(self, non_embedding: bool = False) -> int:
