@@ -15,21 +15,24 @@ import torch
 import torch.nn as nn
 
 from common import UserError
-from download import DownloadError
-from load_gpt2 import load_model
+from download import DownloadError, cache_dir
+from load_gpt2 import GPT2_REPOS, load_model
 
 
 def model_to_finetune(init: str, preset: str | None, seed: int, device: torch.device,
                    offline: str) -> tuple[nn.Module, dict]:
     """The --init model and its card, after seeding torch (a random init, a new head and LoRA's matrices
-    draw from it). A download that fails says how to run without one: `offline`, the flags of a small
-    model from scratch, or a local file."""
+    draw from it). A download that fails says where the files go in the cache, and how to run without
+    them: `offline`, the flags of a small model from scratch, or a local file."""
     torch.manual_seed(seed)
     try:
         return load_model(init, preset=preset, device=device)
     except DownloadError as e:
-        raise DownloadError(f"{e}; or run without downloading weights: {offline} (a small model from scratch), "
-                            f"or --init PATH to a local checkpoint or model.safetensors") from None
+        repo = GPT2_REPOS.get(init)
+        place = (f"; or put {repo}'s config.json and model.safetensors in {cache_dir() / 'hf' / repo}"
+                 if repo else "")
+        raise DownloadError(f"{e}{place}; or run without downloading weights: {offline} (a small model from "
+                            f"scratch), or --init PATH to a local checkpoint or model.safetensors") from None
 
 
 def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:

@@ -17,7 +17,7 @@ import training
 import generate
 import templates
 from common import SEED, RunLock, UserError, run_stage
-from download import DownloadError
+from download import DownloadError, cache_dir
 from load_gpt2 import load_model, model_card, tokenizer_for
 from model import PRESETS, load_checkpoint, save_checkpoint
 from tokenizer import get_tokenizer
@@ -391,8 +391,10 @@ def test_no_network_ends_with_a_sentence_offering_a_random_model(tmp_path, data_
     def offline(*args, **kwargs):
         raise DownloadError("could not download https://huggingface.co/... (no connection to the server)")
     monkeypatch.setattr(training, "load_model", offline)
-    with pytest.raises(UserError, match="--init random --preset mini"):
+    with pytest.raises(UserError, match="--init random --preset mini --lr 3e-4") as caught:
         fi.main(fi.parse_args(["--data", str(data_file), "--out-dir", str(tmp_path)]))
+    folder = cache_dir() / "hf" / "openai-community" / "gpt2-medium"  # the default --init's place in the cache
+    assert f"config.json and model.safetensors in {folder}" in str(caught.value)
 
 
 @pytest.mark.parametrize("flags, message", [
