@@ -29,10 +29,15 @@ from generate import answer
 from load_gpt2 import add_init_args, load_model, model_card, tokenizer_for
 from model import GPT, IGNORE, add_device_args, add_lora, autocast, device_and_dtype, merge_lora, save_checkpoint
 from templates import TEMPLATES, Template, default_template, prompt_ids
-from training import best_weights, check_finite, model_to_finetune, read_inputs, restore, trainable_parameters
+from training import (best_weights, check_finite, load_state, model_to_finetune, read_inputs, restore, save_state,
+                      trainable_parameters)
 
 
 MODEL_FILE, RESPONSES_FILE, METRICS_FILE = "model.pt", "test-responses.json", "metrics.json"
+STATE_FILE = "state.pt"  # an unfinished run's state after its last finished epoch, for --resume
+# Flags that change what a resumed run computes; --epochs may grow, --device or --eval-every may change.
+RESUME_MUST_MATCH = ("data", "init", "preset", "template", "trainable", "lora_rank", "lora_alpha", "mask_prompt",
+                     "max_length", "batch_size", "lr", "weight_decay", "group_by_length", "seed", "dtype")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -66,12 +71,13 @@ def evaluate_loss(model: GPT, examples: Sequence[Example], batch_size: int, pad_
 
 
 def train_step(model: GPT, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, targets: torch.Tensor,
-               device: torch.device, dtype: torch.dtype, where: str) -> float:
-    """One AdamW step on one batch (B, T); the batch's mean loss."""
+               device: torch.device, dtype: torch.dtype, where: str, kept: str) -> float:
+    """One AdamW step on one batch (B, T); the batch's mean loss. where and kept: for the message if the
+    loss is not finite."""
     model.train()
     with autocast(device, dtype):
         loss, _ = target_loss(model, inputs.to(device), targets.to(device))
-    check_finite(loss, where, "nothing was saved")
+    check_finite(loss, where, kept)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -79,9 +85,8 @@ def train_step(model: GPT, optimizer: torch.optim.Optimizer, inputs: torch.Tenso
 
 
 def progress_line(step: int, total_steps: int, epoch: int, epochs: int, interval: dict, val_loss: float | None,
-                  seconds: float, best: bool) -> str:
+                  eta: float, best: bool) -> str:
     """The figures of the steps since the last line: mean loss, tokens/s, ms/step, and the ETA."""
-    eta = seconds / step * (total_steps - step)
     mean_loss = sum(interval["losses"]) / len(interval["losses"])
     val_text = f"{val_loss:7.4f}" if val_loss is not None else "      -"
     return (f"step {step:>5}/{total_steps} | epoch {epoch}/{epochs} | loss {mean_loss:7.4f} | val {val_text} | "
@@ -90,63 +95,89 @@ def progress_line(step: int, total_steps: int, epoch: int, epochs: int, interval
             + ("  (best so far)" if best else ""))
 
 
-def train(model: GPT, splits: dict[str, list[Example]], args: argparse.Namespace, pad_id: int,
-          device: torch.device, dtype: torch.dtype) -> dict:
+def start_progress(resumed: dict | None, trainable: list, optimizer: torch.optim.Optimizer,
+                   generator: torch.Generator, epochs: int) -> dict:
+    """Where the run stands: from the saved state when resuming (weights, optimizer and batch order put
+    back), else at its start."""
+    if resumed is None:
+        return {"epoch": 0, "step": 0, "train_losses": [], "val_losses": [],
+                "best": {"val_loss": math.inf, "step": None}, "best_weights": {}, "tokens": 0, "padded_tokens": 0}
+    restore(trainable, resumed["trainable"])
+    optimizer.load_state_dict(resumed["optimizer"])
+    generator.set_state(resumed["generator"])
+    print(f"resuming after epoch {resumed['epoch']} of {epochs} (step {resumed['step']})")
+    return {key: resumed[key] for key in PROGRESS_KEYS}
+
+
+PROGRESS_KEYS = ("epoch", "step", "train_losses", "val_losses", "best", "best_weights", "tokens", "padded_tokens")
+
+
+def train(model: GPT, splits: dict[str, list[Example]], args: argparse.Namespace, pad_id: int, device: torch.device,
+          dtype: torch.dtype, state_path: Path, resumed: dict | None = None) -> dict:
     """AdamW over the training examples for args.epochs; validation every args.eval_every steps and at
     the end. The model ends with the weights of the best validation loss seen after training began.
 
-    Ctrl-C stops the run (reported in the result; the best weights so far are in the model, if any
-    validation has happened). A loss that is not finite stops it with a UserError."""
+    After each epoch the run's state goes to state_path (resumed: that state, to continue from). Ctrl-C
+    stops the run (reported in the result; the best weights so far are in the model, if any validation
+    has happened). A loss that is not finite stops it with a UserError."""
     examples, val = splits["train"], splits["val"]
     optimizer = model.configure_optimizer(args.lr, args.weight_decay, betas=(0.9, 0.999), device_type=device.type)
     generator = torch.Generator().manual_seed(args.seed)
     total_steps = args.epochs * math.ceil(len(examples) / args.batch_size)
     trainable = trainable_parameters(model)
     lengths = [len(e.ids) - 1 for e in examples]
-    step, train_losses, val_losses = 0, [], []
-    best, kept = {"val_loss": math.inf, "step": None}, None
-    tokens = padded = 0  # real and computed input tokens of the whole run
     interval = {"losses": [], "tokens": 0, "seconds": 0.0}
-    interrupted = False
-    t_start = time.perf_counter()
+    run = start_progress(resumed, trainable, optimizer, generator, args.epochs)
+    interrupted, t_start, first_step, first_tokens = False, time.perf_counter(), run["step"], run["tokens"]
     try:
-        val_losses.append({"step": 0, "epoch": 0, "val_loss": evaluate_loss(
-            model, val, args.batch_size, pad_id, args.mask_prompt, device, dtype)})
-        print(f"step {0:>5}/{total_steps} | validation loss before finetuning {val_losses[-1]['val_loss']:.4f}")
+        if resumed is None:
+            val_loss = evaluate_loss(model, val, args.batch_size, pad_id, args.mask_prompt, device, dtype)
+            run["val_losses"].append({"step": 0, "epoch": 0, "val_loss": val_loss})
+            print(f"step {0:>5}/{total_steps} | validation loss before finetuning {val_loss:.4f}")
         t_start = time.perf_counter()
-        for epoch in range(1, args.epochs + 1):
+        for epoch in range(run["epoch"] + 1, args.epochs + 1):
             batches = (length_grouped_batches(lengths, args.batch_size, generator) if args.group_by_length
                        else random_batches(len(examples), args.batch_size, generator))
             for index in batches:
                 t0 = time.perf_counter()
                 inputs, targets = collate([examples[i] for i in index], pad_id, args.mask_prompt)
-                train_losses.append(train_step(model, optimizer, inputs, targets, device, dtype,
-                                               f"step {step + 1} (epoch {epoch})"))
-                step += 1
-                n_tokens = sum(lengths[i] for i in index)
-                tokens, padded = tokens + n_tokens, padded + inputs.numel()
-                interval["losses"].append(train_losses[-1])
+                kept = f"{state_path} holds the run after epoch {epoch - 1}" if epoch > 1 else "nothing was saved"
+                run["train_losses"].append(train_step(model, optimizer, inputs, targets, device, dtype,
+                                                      f"step {run['step'] + 1} (epoch {epoch})", kept))
+                run["step"] += 1
+                step, n_tokens = run["step"], sum(lengths[i] for i in index)
+                run["tokens"], run["padded_tokens"] = run["tokens"] + n_tokens, run["padded_tokens"] + inputs.numel()
+                interval["losses"].append(run["train_losses"][-1])
                 interval["tokens"] += n_tokens
                 interval["seconds"] += time.perf_counter() - t0
                 val_loss = None
                 if step % args.eval_every == 0 or step == total_steps:
                     val_loss = evaluate_loss(model, val, args.batch_size, pad_id, args.mask_prompt, device, dtype)
-                    val_losses.append({"step": step, "epoch": epoch, "val_loss": val_loss})
-                    if val_loss < best["val_loss"]:
-                        kept, best = best_weights(trainable), {"val_loss": val_loss, "step": step}
+                    run["val_losses"].append({"step": step, "epoch": epoch, "val_loss": val_loss})
+                    if val_loss < run["best"]["val_loss"]:  # one assignment: a Ctrl-C leaves the old best whole
+                        run["best_weights"], run["best"] = best_weights(trainable), {"val_loss": val_loss,
+                                                                                      "step": step}
                 if step % args.log_every == 0 or val_loss is not None:
-                    print(progress_line(step, total_steps, epoch, args.epochs, interval, val_loss,
-                                        time.perf_counter() - t_start, best["step"] == step), flush=True)
+                    eta = (time.perf_counter() - t_start) / (step - first_step) * (total_steps - step)
+                    print(progress_line(step, total_steps, epoch, args.epochs, interval, val_loss, eta,
+                                        run["best"]["step"] == step), flush=True)
                     interval = {"losses": [], "tokens": 0, "seconds": 0.0}
+            run["epoch"] = epoch
+            if epoch < args.epochs:  # after the last one the run is done: nothing to resume
+                save_state(state_path, trainable, optimizer, generator, run, args)
     except KeyboardInterrupt:  # a half-done step does not matter: the best weights below replace it
         interrupted = True
-        print(f"\nCtrl-C: stopped at step {step} of {total_steps}")
-    restore(trainable, kept)
-    train_seconds = time.perf_counter() - t_start
-    return {"steps": step, "total_steps": total_steps, "train_losses": train_losses, "val_losses": val_losses,
-            "best_step": best["step"], "best_val_loss": best["val_loss"] if best["step"] else None,
-            "interrupted": interrupted, "train_seconds": train_seconds,
-            "tokens": tokens, "padded_tokens": padded, "tokens_per_s": tokens / train_seconds if step else None}
+        print(f"\nCtrl-C: stopped at step {run['step']} of {total_steps}"
+              + (f"; {state_path} holds the run after epoch {run['epoch']}" if run["epoch"] else ""))
+    restore(trainable, run["best_weights"])
+    seconds = time.perf_counter() - t_start
+    best = run["best"]
+    return {"steps": run["step"], "total_steps": total_steps, "train_losses": run["train_losses"],
+            "val_losses": run["val_losses"], "best_step": best["step"],
+            "best_val_loss": best["val_loss"] if best["step"] else None, "interrupted": interrupted,
+            "epochs_done": run["epoch"], "train_seconds": seconds, "tokens": run["tokens"],
+            "padded_tokens": run["padded_tokens"],
+            "tokens_per_s": (run["tokens"] - first_tokens) / seconds if run["step"] > first_step else None}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -187,9 +218,15 @@ def prepare(splits: dict[str, list[dict]], tokenizer, template: Template, max_le
     return examples, summary
 
 
-def check_existing_run(out_dir: Path, force: bool) -> None:
+def check_existing_run(out_dir: Path, args: argparse.Namespace) -> None:
+    """Refuse to start over an unfinished run (its state is there) or a finished one, unless --force."""
+    if args.force or args.resume:
+        return
+    if (out_dir / STATE_FILE).exists():
+        raise UserError(f"{out_dir} holds an unfinished run ({STATE_FILE}); add --resume to continue it, --force to "
+                        f"replace it, or choose another --out-dir")
     for name in (MODEL_FILE, METRICS_FILE, RESPONSES_FILE):
-        if (out_dir / name).exists() and not force:
+        if (out_dir / name).exists():
             raise UserError(f"{out_dir} already holds a run ({name}); add --force to replace it, or choose another "
                             f"--out-dir")
 
@@ -267,7 +304,8 @@ def train_main(args: argparse.Namespace) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls (outside autocast) on tensor cores
     out_dir = writable_folder(args.out_dir)
     with RunLock(out_dir):
-        check_existing_run(out_dir, args.force)
+        check_existing_run(out_dir, args)
+        resumed = load_state(out_dir / STATE_FILE, args, RESUME_MUST_MATCH) if args.resume else None
         data_path = Path(args.data) if args.data else default_data()
         splits = split_entries(load_entries(data_path))
         model, card = starting_model(args, device)
@@ -291,7 +329,7 @@ def train_main(args: argparse.Namespace) -> dict:
 
         if args.epochs:
             pad_id = tokenizer.eos_id  # any id: padding is never attended to nor learned
-            metrics.update(train(model, examples, args, pad_id, device, dtype))
+            metrics.update(train(model, examples, args, pad_id, device, dtype, out_dir / STATE_FILE, resumed))
             if metrics["steps"]:
                 print(f"trained {metrics['steps']} steps in {clock(metrics['train_seconds'])} "
                       f"({metrics['tokens_per_s']:.0f} tokens/s with validation); padding was "
@@ -302,6 +340,8 @@ def train_main(args: argparse.Namespace) -> dict:
                 print("nothing was saved: Ctrl-C came before the first validation")
                 return metrics
             metrics["checkpoint"] = str(save_finetuned(out_dir, model, card, template, args, metrics))
+            if not metrics["interrupted"]:
+                (out_dir / STATE_FILE).unlink(missing_ok=True)  # the model holds what training made
         else:
             remove_old_results(out_dir)
         if not metrics["interrupted"]:
@@ -309,7 +349,10 @@ def train_main(args: argparse.Namespace) -> dict:
         metrics["seconds"] = time.perf_counter() - t0
         atomic_write(out_dir / METRICS_FILE, json.dumps(metrics, indent=2))
     if metrics["interrupted"]:
-        if metrics["checkpoint"]:
+        if (out_dir / STATE_FILE).exists():
+            print(f"{out_dir / STATE_FILE} holds the run after epoch {metrics['epochs_done']}; continue it with the "
+                  f"same command plus --resume")
+        elif metrics["checkpoint"]:
             print(f"no {RESPONSES_FILE} was written; to write it: python finetune_instruct.py --init "
                   f"{out_dir / MODEL_FILE} --epochs 0 --out-dir OTHER_DIR"
                   + (f" --data {args.data}" if args.data else ""))
@@ -412,7 +455,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_device_args(p, ("auto", "float32", "bfloat16"), "autocast precision")
     p.add_argument("--out-dir", default="out/instruct",
                    help=f"run folder: {MODEL_FILE} (the finetuned model; python generate.py --init loads it), "
-                        f"{RESPONSES_FILE} (the test entries with a model_response each), {METRICS_FILE}")
+                        f"{RESPONSES_FILE} (the test entries with a model_response each), {METRICS_FILE}, and "
+                        f"{STATE_FILE} while a run is unfinished (for --resume)")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
+                   help=f"continue the unfinished run in OUT_DIR after its last finished epoch ({STATE_FILE}): repeat "
+                        f"its command and add --resume (--epochs may grow)")
     p.add_argument("--force", action=argparse.BooleanOptionalAction, default=False,
                    help="replace a run already in OUT_DIR")
     p.add_argument("--ask", action="append", metavar="INSTRUCTION",
@@ -424,6 +471,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "and whether it fits, write OUT_DIR/plan.json, and train nothing (pretrain.py's planner; "
                         "every batch is taken as long as --max-length, else the model's context)")
     args = p.parse_args(argv)
+    if args.resume and args.force:
+        p.error("--resume continues a run and --force replaces it; choose one")
     if args.preset is not None and args.init != "random":
         p.error(f"--preset only applies to --init random; {args.init} brings its own size")
     if args.init == "random" and args.preset is None and not args.ask:

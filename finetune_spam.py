@@ -12,7 +12,6 @@ evaluation, prediction, the command line.
 import argparse
 import dataclasses
 import hashlib
-import io
 import json
 import math
 import random
@@ -31,7 +30,8 @@ from download import DownloadError, SMS_SPAM_SHA256, cache_dir, fetch
 from load_gpt2 import add_init_args, load_model, model_card, tokenizer_for
 from model import GPT, add_device_args, add_lora, autocast, device_and_dtype, merge_lora, save_checkpoint
 from tokenizer import bos
-from training import best_weights, check_finite, model_to_finetune, read_inputs, restore, trainable_parameters
+from training import (best_weights, check_finite, load_state, model_to_finetune, read_inputs, restore, save_state,
+                      trainable_parameters)
 
 
 LABELS = ("ham", "spam")  # class index = position: 0 ham, 1 spam (the positive class)
@@ -304,36 +304,6 @@ RESUME_MUST_MATCH = ("data", "init", "preset", "trainable", "lora_rank", "lora_a
                      "weight_decay", "seed", "dtype")
 
 
-def save_state(path: Path, trainable: list[tuple[str, torch.Tensor]], optimizer: torch.optim.Optimizer,
-               generator: torch.Generator, progress: dict, args: argparse.Namespace) -> None:
-    """Everything --resume needs after a finished epoch, written atomically.
-
-    Only the trainable weights: the frozen ones come back from --init (and the seed) exactly."""
-    buffer = io.BytesIO()
-    torch.save({"trainable": {name: p.detach().cpu() for name, p in trainable},
-                "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-                "args": vars(args), **progress}, buffer)
-    atomic_write(path, buffer.getvalue())
-
-
-def load_state(path: Path, args: argparse.Namespace) -> dict:
-    """The state saved by save_state, checked against this command's flags."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        saved_args = state["args"]
-    except FileNotFoundError:
-        raise UserError(f"--resume: {path} does not exist (a finished run keeps no state); start a run without "
-                        f"--resume") from None
-    except Exception:  # truncated, not ours: unusable either way
-        raise UserError(f"--resume: {path} is not a readable training state; start again with --force") from None
-    changed = [name for name in RESUME_MUST_MATCH if saved_args.get(name) != getattr(args, name)]
-    if changed:
-        flags = ", ".join(f"--{n.replace('_', '-')} {saved_args.get(n)} (now {getattr(args, n)})" for n in changed)
-        raise UserError(f"--resume: the run in {path.parent} used {flags}; repeat the run's flags to resume it, "
-                        f"or start a new run with --force or another --out-dir")
-    return state
-
-
 def cache_all_features(model: GPT, splits: dict[str, Split], start: int, batch_size: int, device: torch.device,
                        dtype: torch.dtype) -> float:
     """Give every split the hidden states entering block `start`; the seconds that took.
@@ -499,7 +469,7 @@ def train_main(args: argparse.Namespace) -> dict:
     with RunLock(out_dir):
         if not args.force and not args.resume:
             check_existing_run(checkpoint, state_path)
-        resumed = load_state(state_path, args) if args.resume else None
+        resumed = load_state(state_path, args, RESUME_MUST_MATCH) if args.resume else None
         data_path = Path(args.data) if args.data else default_data()
         messages = load_messages(data_path)
 

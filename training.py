@@ -1,6 +1,6 @@
 """What the finetunes' training loops share: the model they start from, the weights that
-train, a loss that must stay finite, the best weights kept aside and put back at the end, and the
-texts a script takes from its flags or from stdin.
+train, a loss that must stay finite, the best weights kept aside and put back at the end, the state
+--resume continues from, and the texts a script takes from its flags or from stdin.
 
     from training import best_weights, check_finite, model_to_finetune, restore, trainable_parameters
     model, card = model_to_finetune("gpt2", None, 123, device, "--init random --preset mini --lr 3e-4")
@@ -9,12 +9,15 @@ texts a script takes from its flags or from stdin.
     best = best_weights(trainable)  # after a validation that improved
     restore(trainable, best)  # the model ends with the best weights seen
 """
+import argparse
+import io
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from common import UserError
+from common import UserError, atomic_write
 from download import DownloadError, cache_dir
 from load_gpt2 import GPT2_REPOS, load_model
 
@@ -60,6 +63,37 @@ def restore(trainable: list[tuple[str, nn.Parameter]], weights: dict[str, torch.
     if weights:
         for name, p in trainable:
             p.copy_(weights[name])
+
+
+def save_state(path: Path, trainable: list[tuple[str, nn.Parameter]], optimizer: torch.optim.Optimizer,
+               generator: torch.Generator, progress: dict, args: argparse.Namespace) -> None:
+    """Everything --resume needs after a finished epoch, written atomically: the trainable weights (the
+    frozen ones come back from --init and the seed exactly), the optimizer, the batch order's generator,
+    the command's flags and the loop's progress."""
+    buffer = io.BytesIO()
+    torch.save({"trainable": {name: p.detach().cpu() for name, p in trainable},
+                "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+                "args": vars(args), **progress}, buffer)
+    atomic_write(path, buffer.getvalue())
+
+
+def load_state(path: Path, args: argparse.Namespace, must_match: tuple[str, ...]) -> dict:
+    """The state saved by save_state, checked against this command's flags: those in must_match change
+    what a resumed run computes, so they must be the run's own (--epochs may grow)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        saved_args = state["args"]
+    except FileNotFoundError:
+        raise UserError(f"--resume: {path} does not exist (a finished run keeps no state); start a run without "
+                        f"--resume") from None
+    except Exception:  # truncated, not ours: unusable either way
+        raise UserError(f"--resume: {path} is not a readable training state; start again with --force") from None
+    changed = [name for name in must_match if saved_args.get(name) != getattr(args, name)]
+    if changed:
+        flags = ", ".join(f"--{n.replace('_', '-')} {saved_args.get(n)} (now {getattr(args, n)})" for n in changed)
+        raise UserError(f"--resume: the run in {path.parent} used {flags}; repeat the run's flags to resume it, "
+                        f"or start a new run with --force or another --out-dir")
+    return state
 
 
 def read_inputs(values: list[str], flag: str, what: str, verb: str) -> list[str]:

@@ -321,6 +321,31 @@ def test_ctrl_c_saves_the_best_weights_so_far_and_exits_130(tmp_path, data_file,
     assert extra["step"] == 2
 
 
+def test_resume_after_ctrl_c_finishes_like_an_uninterrupted_run(tmp_path, data_file, monkeypatch):
+    whole = fi.main(tiny_args(tmp_path / "whole", data_file, "--max-new-tokens", "2"))
+    assert not (tmp_path / "whole" / "out" / fi.STATE_FILE).exists()  # finished: no state kept
+    real, calls = fi.evaluate_loss, []
+    def interrupt_in_epoch_2(*args, **kwargs):
+        calls.append(1)  # 3 steps an epoch: before finetuning, steps 2, 4, then Ctrl-C in the one of step 6
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    monkeypatch.setattr(fi, "evaluate_loss", interrupt_in_epoch_2)
+    stopped = fi.main(tiny_args(tmp_path / "run", data_file, "--max-new-tokens", "2"))
+    monkeypatch.setattr(fi, "evaluate_loss", real)
+    assert stopped["interrupted"] and stopped["epochs_done"] == 1
+    with pytest.raises(UserError, match="holds an unfinished run"):
+        fi.main(tiny_args(tmp_path / "run", data_file, "--max-new-tokens", "2"))
+    with pytest.raises(UserError, match=r"--lr 5e-05 \(now 0.002\)"):
+        fi.main(tiny_args(tmp_path / "run", data_file, "--max-new-tokens", "2", "--resume", "--lr", "2e-3"))
+    resumed = fi.main(tiny_args(tmp_path / "run", data_file, "--max-new-tokens", "2", "--resume"))
+    assert resumed["train_losses"] == pytest.approx(whole["train_losses"], rel=1e-5)
+    assert resumed["best_step"] == whole["best_step"] and not resumed["interrupted"]
+    assert not (tmp_path / "run" / "out" / fi.STATE_FILE).exists()
+    assert (tmp_path / "run" / "out" / fi.RESPONSES_FILE).read_text() == \
+        (tmp_path / "whole" / "out" / fi.RESPONSES_FILE).read_text()
+
+
 def test_ctrl_c_while_answering_keeps_the_model_and_writes_no_answers(tmp_path, data_file, monkeypatch):
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
