@@ -14,6 +14,9 @@ import time
 from pathlib import Path
 
 
+SEED = 1337  # every stage's default --seed: one number, so runs of different stages repeat alike
+
+
 class UserError(Exception):
     """A mistake the user can fix (bad path, bad flag value, missing file); the message is one sentence."""
 
@@ -151,7 +154,7 @@ class RunLock:
 
     The lock is an OS file lock (flock) on OUT_DIR/.lock, which the OS drops when its process dies,
     so a lock left by a killed run is simply taken over; the file records who holds it, for messages,
-    and is removed when the run ends normally."""
+    and is removed when the run ends normally. A run that fails leaves no empty run folder."""
 
     def __init__(self, folder: str | Path):
         self.path = Path(folder) / ".lock"
@@ -180,11 +183,16 @@ class RunLock:
         self.file.flush()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         if self.file is not None:
             self.path.unlink(missing_ok=True)  # released properly: nothing left behind to report
             self.file.close()  # closing drops the OS lock
             self.file = None
+            if exc_type is not None:  # a run that failed before writing anything leaves no empty folder behind
+                try:
+                    self.path.parent.rmdir()  # only ever removes an empty folder
+                except OSError:
+                    pass
 
 
 def _try_lock(file) -> bool:
@@ -213,21 +221,35 @@ def _hostname() -> str:
 class ProgressLine:
     """One status line on stderr, rewritten in place at most every `interval` seconds.
 
-    Shows done / total MB, percent and MB/s; `extra` appends a stage-specific note (e.g. tokens)."""
+    Shows done / total, percent and the rate: in MB for unit "MB" (done and total count bytes), else
+    in whole `unit`s (windows, questions); `extra` appends a stage-specific note (e.g. tokens)."""
 
-    def __init__(self, label: str, total: int | None = None, interval: float = 0.5):
-        self.label, self.total, self.interval = label, total, interval
+    def __init__(self, label: str, total: int | None = None, interval: float = 0.5, unit: str = "MB"):
+        self.label, self.total, self.interval, self.unit = label, total, interval, unit
         self.start = self.last = time.perf_counter()
-        self.done, self.extra = 0, ""
+        self.done, self.extra, self.shown = 0, "", False
 
     def update(self, done: int, extra: str = "", force: bool = False) -> None:
         self.done, self.extra = done, extra
         now = time.perf_counter()
         if force or now - self.last >= self.interval:
-            self.last = now
-            rate = done / 1e6 / max(now - self.start, 1e-9)
-            total = f" / {self.total / 1e6:.1f} MB ({100 * done / max(self.total, 1):3.0f}%)" if self.total else " MB"
-            print(f"\r{self.label}: {done / 1e6:9.1f}{total} {rate:7.1f} MB/s {extra}", end="", file=sys.stderr)
+            self.last, self.shown = now, True
+            rate = done / max(now - self.start, 1e-9)
+            percent = f" ({100 * done / max(self.total, 1):3.0f}%)" if self.total else ""
+            if self.unit == "MB":
+                total = f" / {self.total / 1e6:.1f} MB{percent}" if self.total else " MB"
+                figures = f"{done / 1e6:9.1f}{total} {rate / 1e6:7.1f} MB/s"
+            else:
+                total = f" / {self.total:,}{percent}" if self.total else ""
+                figures = f"{done:,}{total} {self.unit} ({rate:.1f}/s)"
+            print(f"\r{self.label}: {figures} {extra}", end="", file=sys.stderr, flush=True)
+
+    def count(self, done: int, total: int) -> None:
+        """update() as a callback that reports (done, total): the line ends once all is done."""
+        self.total = total
+        self.update(done)
+        if done == total and self.shown:
+            self.close()
 
     def close(self) -> None:
         self.update(self.done, self.extra, force=True)

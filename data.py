@@ -7,6 +7,7 @@ prompt template, and the padded batches a training step takes.
 """
 import dataclasses
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,37 +15,55 @@ import torch
 
 from common import UserError
 from download import DownloadError, fetch
+from model import IGNORE
 from templates import Template, encode_template_text, prompt_ids
 
 
 DATA_RELPATH = "instruct/instruction-data.json"  # the book's 1,100 entries, one of tokenizer.KNOWN_FILES
 SPLIT = (0.85, 0.10)  # train, test fractions; validation gets the rest: 935 / 110 / 55 of the default data
-IGNORE = -100  # targets cross_entropy skips: padding, and the prompt with --mask-prompt
+
+
+def read_records(text: str, source: str) -> list[tuple[int, dict]]:
+    """The objects of a JSON list or of JSONL (one object per line), each with the line it starts on, so
+    that a message can name it. Anything else is a UserError naming the source and the line."""
+    text = text.removeprefix("\ufeff")  # a byte-order mark, as some editors write
+    records = []
+    if text.lstrip().startswith("["):
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{source} line {e.lineno} is not valid JSON ({e.msg})") from None
+        # json.loads gives no positions; decoding the list one element at a time does.
+        decoder, space = json.JSONDecoder(), re.compile(r"[ \t\n\r,]*")
+        pos, line, counted = text.index("[") + 1, 1, 0
+        while True:
+            pos = space.match(text, pos).end()
+            if text[pos] == "]":
+                break
+            line += text.count("\n", counted, pos)
+            counted = pos
+            value, pos = decoder.raw_decode(text, pos)
+            records.append((line, value))
+    else:
+        for number, row in enumerate(text.split("\n"), 1):
+            if row.strip():
+                try:
+                    records.append((number, json.loads(row)))
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{source} line {number} is not valid JSON ({e.msg}); write one object per "
+                                    f"line (JSONL) or one JSON list") from None
+    for line, record in records:
+        if not isinstance(record, dict):
+            raise UserError(f"{source} line {line} holds a JSON {type(record).__name__}, not an object with fields")
+    return records
 
 
 def parse_entries(text: str, source: str) -> list[dict]:
-    """The entries of a JSON list or of JSONL (one object per line), each checked: instruction and output
-    are non-empty strings, input a string (empty, or missing, when there is none). Other fields stay."""
-    if text.lstrip().startswith("["):
-        try:
-            entries, where = json.loads(text), None
-        except json.JSONDecodeError as e:
-            raise UserError(f"{source} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
-    else:  # JSONL
-        entries, where = [], []
-        for number, line in enumerate(text.split("\n"), 1):
-            if line.strip():
-                try:
-                    entries.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{source} line {number} is not a JSON object ({e.msg}); the file should be "
-                                    f"a JSON list or hold one JSON object per line") from None
-                where.append(number)
-    for i, entry in enumerate(entries):
-        name = f"{source} entry {i}" + (f" (line {where[i]})" if where else "")
-        if not isinstance(entry, dict):
-            raise UserError(f"{name} is a JSON {type(entry).__name__}, not an object with instruction, input "
-                            f"and output")
+    """The entries of a JSON list or of JSONL, each checked: instruction and output are non-empty
+    strings, input a string (empty, or missing, when there is none). Other fields stay."""
+    entries = []
+    for i, (line, entry) in enumerate(read_records(text, source)):
+        name = f"{source} entry {i} (line {line})"
         if entry.get("input") is None:
             entry["input"] = ""
         for field in ("instruction", "input", "output"):
@@ -54,6 +73,7 @@ def parse_entries(text: str, source: str) -> list[dict]:
                 raise UserError(f"{name} has a {type(entry[field]).__name__} as its {field!r}, not a string")
             if field != "input" and not entry[field].strip():
                 raise UserError(f"{name} has an empty {field!r}")
+        entries.append(entry)
     return entries
 
 
@@ -143,3 +163,28 @@ def length_grouped_batches(lengths: Sequence[int], batch_size: int, generator: t
 def random_batches(n: int, batch_size: int, generator: torch.Generator) -> list[list[int]]:
     order = torch.randperm(n, generator=generator).tolist()
     return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+def degenerate_answers(responses: Sequence[str]) -> dict[str, int]:
+    """How many answers are empty (or only white space) and how many repeat one word over and over (at
+    least three times, or one character run such as '!!!!'): what an untrained model writes, and what
+    makes a score of 0 mean "no answers" rather than "wrong answers"."""
+    empty = repeating = 0
+    for response in responses:
+        words = response.split()
+        if not words:
+            empty += 1
+        elif (len(words) >= 3 and len(set(words)) == 1) or (len(words) == 1 and len(set(words[0])) == 1
+                                                             and len(words[0]) >= 3):
+            repeating += 1
+    return {"empty": empty, "repeating": repeating}
+
+
+def degenerate_note(counts: dict[str, int], n: int, advice: str) -> str | None:
+    """One sentence saying how many of n answers are empty or repeat one word, with advice; None if none."""
+    if not counts["empty"] and not counts["repeating"]:
+        return None
+    parts = [f"{counts['empty']} of {n} answers are empty"] if counts["empty"] else []
+    parts += [f"{counts['repeating']} of {n} repeat one word"] if counts["repeating"] else []
+    return f"note: {' and '.join(parts)}; {advice}"
+

@@ -11,22 +11,19 @@ One subcommand per question. Each works on any model the project loads (--init, 
 with that model's own tokenizer), prints a table, and with --json FILE writes its figures as JSON.
 `python evaluate.py` alone measures GPT-2's perplexity on "The Verdict".
 
-Reading order: evaluation files (JSON, JSONL, MMLU's CSV; one sentence naming the file, the line and the
-field for anything wrong), perplexity with sliding windows, multiple-choice scoring as EleutherAI's
-lm-evaluation-harness does it (the context runs once per question, its keys and values shared by the
-choices), n-gram contamination streamed over a corpus of any size, extractable memorisation, the scoring
-of instruction answers (ROUGE-L, exact match, a judge model), the command line.
+Reading order (the evaluation files themselves are read and checked by benchmarks.py): perplexity with
+sliding windows, multiple-choice scoring as EleutherAI's lm-evaluation-harness does it (the context runs
+once per question, its keys and values shared by the choices), n-gram contamination streamed over a
+corpus of any size, extractable memorisation, the scoring of instruction answers (ROUGE-L, exact match,
+a judge model), the command line.
 """
 import argparse
 import bisect
-import csv
 import dataclasses
-import io
 import json
 import math
 import os
 import random
-import re
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -36,213 +33,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (ArgumentParser, ProgressLine, UserError, atomic_write, non_negative_int, positive_int, run_stage,
-                    writable_folder)
+from benchmarks import LAYOUTS, MMLU_LETTERS, Item, field, load_items, load_questions, load_records
+
+from common import (ArgumentParser, ProgressLine, SEED, UserError, atomic_write, non_negative_int, positive_int,
+                    run_stage, writable_folder)
 from corpus import corpus_files, document_ids, load_token_folder, read_blocks, read_text
+from data import degenerate_answers, degenerate_note
 from download import fetch
 from generate import answer, generate, left_pad
 from load_gpt2 import add_init_args, check_preset, load_model, tokenizer_for
-from model import GPT, KVCache, PRESETS, add_device_args, device_and_dtype
+from model import GPT, IGNORE, KVCache, PRESETS, add_device_args, device_and_dtype
 from scoring import exact_match, judge_prompt, parse_score, rouge_l
 from templates import TEMPLATES, default_template, prompt_ids
 from tokenizer_base import bos
 
 
-
 DEFAULT_TEXT = "text/the-verdict.txt"  # a short story, downloaded once into the cache
-
-
-# ---------------------------------------------------------------------------------------------------
-# Evaluation files: JSON lists and JSONL, with the line each record starts on; MMLU's CSV
-
-def read_records(path: Path) -> list[tuple[int, dict]]:
-    """The objects of a JSON list or a JSONL file, each with the line it starts on (for messages)."""
-    text = read_text(path).removeprefix("\ufeff")  # a byte-order mark, as some editors write
-    if not text.strip():
-        raise UserError(f"{path} is empty")
-    records = []
-    if text.lstrip().startswith("["):
-        try:
-            json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path} line {e.lineno} is not valid JSON ({e.msg})") from None
-        # json.loads gives no positions; decoding the list one element at a time does.
-        decoder, space = json.JSONDecoder(), re.compile(r"[ \t\n\r,]*")
-        pos, line, counted = text.index("[") + 1, 1, 0
-        while True:
-            pos = space.match(text, pos).end()
-            if text[pos] == "]":
-                break
-            line += text.count("\n", counted, pos)
-            counted = pos
-            value, pos = decoder.raw_decode(text, pos)
-            records.append((line, value))
-    else:
-        for number, row in enumerate(text.split("\n"), 1):
-            if row.strip():
-                try:
-                    records.append((number, json.loads(row)))
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path} line {number} is not valid JSON ({e.msg}); write one object per line "
-                                    f"(JSONL) or one JSON list") from None
-    for line, record in records:
-        if not isinstance(record, dict):
-            raise UserError(f"{path} line {line} holds a JSON {type(record).__name__}, not an object with fields")
-    if not records:
-        raise UserError(f"{path} holds no records")
-    return records
-
-
-LAYOUTS = ("plain", "mmlu", "hellaswag", "instruction")
-MMLU_LETTERS = "ABCD"
-
-
-@dataclasses.dataclass
-class Item:
-    """One evaluation item: its text fields (what contamination looks for) and, for a multiple-choice
-    item, the question, its options and the index of the right one."""
-    where: str  # "FILE line N", for messages
-    layout: str  # one of LAYOUTS
-    texts: list[str]  # every text field as written in the file
-    question: str = ""  # as the model reads it (HellaSwag: the harness's cleaned-up query)
-    options: list[str] = dataclasses.field(default_factory=list)
-    answer: int = -1
-    subject: str = ""  # MMLU: from the file name
-
-
-def field(record: dict, name: str, kind: type, where: str):
-    """record[name], which must exist and be of `kind`; else one sentence naming where and the field."""
-    if name not in record:
-        raise UserError(f"{where} has no field {name!r} (its fields: {', '.join(record) or 'none'})")
-    value = record[name]
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        wanted = {str: "a string", list: "a list", int: "a whole number"}[kind]
-        raise UserError(f"{where}: field {name!r} should be {wanted}, not {json.dumps(value)[:60]}")
-    return value
-
-
-def option_list(record: dict, name: str, where: str) -> list[str]:
-    options = field(record, name, list, where)
-    if len(options) < 2:
-        raise UserError(f"{where}: field {name!r} has {len(options)} choice(s); a question needs at least 2")
-    for i, option in enumerate(options):
-        if not isinstance(option, str) or not option.strip():
-            raise UserError(f"{where}: field {name!r}, choice {i}, is {json.dumps(option)[:60]}, not a non-empty string")
-    return options
-
-
-def answer_index(value, n_options: int, name: str, where: str) -> int:
-    if isinstance(value, str) and value.strip().isdigit():  # HellaSwag writes its label as a string
-        value = int(value)
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < n_options:
-        raise UserError(f"{where}: field {name!r} is {json.dumps(value)[:40]}, not the index of one of its "
-                        f"{n_options} choices (0 to {n_options - 1})")
-    return value
-
-
-def hellaswag_clean(text: str) -> str:
-    """The harness's preprocessing of HellaSwag text: WikiHow's bracketed markers ('[title]', '[step]')
-    removed, double spaces closed."""
-    text = text.strip().replace(" [title]", ". ")
-    text = re.sub(r"\[.*?\]", "", text)
-    return text.replace("  ", " ")
-
-
-def record_item(record: dict, layout: str, where: str) -> Item:
-    if layout == "plain":
-        question, options = field(record, "question", str, where), option_list(record, "choices", where)
-        if "answer" not in record:
-            raise UserError(f"{where} has no field 'answer' (its fields: {', '.join(record)})")
-        return Item(where, layout, [question, *options], question, options,
-                    answer_index(record["answer"], len(options), "answer", where))
-    if layout == "hellaswag":
-        endings = option_list(record, "endings", where)
-        if "ctx_a" in record and "ctx_b" in record:  # the dataset's own files: the harness's query
-            raw = [field(record, "ctx_a", str, where), field(record, "ctx_b", str, where)]
-            context = raw[0] + " " + raw[1].capitalize()
-        else:
-            raw = [field(record, "ctx", str, where)]
-            context = raw[0]
-        if isinstance(record.get("activity_label"), str):
-            context = record["activity_label"] + ": " + context
-        if "label" not in record:
-            raise UserError(f"{where} has no field 'label' (HellaSwag's test split has no answers; use its "
-                            f"validation split)")
-        return Item(where, layout, [*raw, *endings], hellaswag_clean(context), [hellaswag_clean(e) for e in endings],
-                    answer_index(record["label"], len(endings), "label", where))
-    texts = [field(record, "instruction", str, where), field(record, "output", str, where)]
-    if "input" in record:
-        texts.insert(1, field(record, "input", str, where))
-    return Item(where, layout, texts)
-
-
-def detect_layout(path: Path, first: dict, line: int) -> str:
-    if "endings" in first:
-        return "hellaswag"
-    if "choices" in first:
-        return "plain"
-    if "instruction" in first:
-        return "instruction"
-    raise UserError(f"{path} line {line} has the fields {', '.join(first) or 'none'}, which match no known layout "
-                    f"(plain: question, choices, answer; HellaSwag: ctx, endings, label; instruction data: "
-                    f"instruction, input, output); fix the file or name its layout with --layout")
-
-
-def mmlu_subject(path: Path) -> str:
-    """'high_school_physics_test.csv' -> 'high school physics', as the harness names MMLU's subjects."""
-    stem = path.stem
-    for split in ("_test", "_dev", "_val"):
-        stem = stem.removesuffix(split)
-    return stem.replace("_", " ")
-
-
-def read_mmlu(path: Path) -> list[Item]:
-    """MMLU's CSV files: no header; question, the four options A-D, and the answer's letter."""
-    subject, items, line = mmlu_subject(path), [], 0
-    reader = csv.reader(io.StringIO(read_text(path).removeprefix("\ufeff"), newline=""))
-    try:
-        for row in reader:
-            where, line = f"{path} line {line + 1}", reader.line_num
-            if not row or not any(cell.strip() for cell in row):
-                continue
-            if len(row) != 6:
-                raise UserError(f"{where} has {len(row)} columns, not MMLU's 6 (question, options A-D, answer letter)")
-            letter = row[5].strip()
-            if letter not in tuple(MMLU_LETTERS):
-                raise UserError(f"{where}: the answer (column 6) is {letter!r}, not one of A, B, C, D")
-            for column, option in enumerate(row[1:5], 2):
-                if not option.strip():
-                    raise UserError(f"{where}: option {MMLU_LETTERS[column - 2]} (column {column}) is empty")
-            items.append(Item(where, "mmlu", row[:5], row[0], row[1:5], MMLU_LETTERS.index(letter), subject))
-    except csv.Error as e:
-        raise UserError(f"{path} line {reader.line_num} is not valid CSV ({e})") from None
-    return items
-
-
-def load_items(source: str | Path, layout: str | None = None) -> list[Item]:
-    """Every item of a file, folder or glob (files in sorted order), in file order: the order that
-    contamination's indices and --exclude refer to. layout None: MMLU for .csv, else from the fields."""
-    items = []
-    for path in corpus_files(source):
-        if layout == "mmlu" or (layout is None and path.suffix.lower() == ".csv"):
-            found = read_mmlu(path)
-        else:
-            records = read_records(path)
-            file_layout = layout or detect_layout(path, records[0][1], records[0][0])
-            found = [record_item(record, file_layout, f"{path} line {line}") for line, record in records]
-        if not found:
-            raise UserError(f"{path} holds no items")
-        items += found
-    return items
-
-
-def load_questions(source: str | Path, layout: str | None = None) -> list[Item]:
-    items = load_items(source, layout)
-    for item in items:
-        if item.layout == "instruction":
-            raise UserError(f"{item.where} is instruction data, not a multiple-choice question; choice and "
-                            f"memorization read plain, MMLU or HellaSwag items")
-    return items
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -284,12 +90,12 @@ def sequence_nll(model: GPT, documents: Sequence[Sequence[int]], context: int, s
         batch = windows[start:start + batch_size]
         width = max(end - begin for _, begin, _, end in batch)
         inputs = torch.zeros(len(batch), width, dtype=torch.long)
-        targets = torch.full((len(batch), width), -100, dtype=torch.long)  # -100: not scored here
+        targets = torch.full((len(batch), width), IGNORE, dtype=torch.long)  # not scored unless set below
         for row, (d, begin, first, end) in enumerate(batch):
             inputs[row, :end - begin] = docs[d][begin:end]
             targets[row, first - begin - 1:end - begin] = docs[d][first:end + 1]  # column j predicts ids[begin + j + 1]
         targets = targets.to(device)
-        scored = targets >= 0  # (B, T)
+        scored = targets != IGNORE  # (B, T)
         # The LM head (the largest matmul of a small model) runs only where a token is scored: with a
         # stride of half the context, half the positions of each window only give context.
         logits = model.lm_head(model.hidden(inputs.to(device))[scored])  # (N, V)
@@ -371,17 +177,6 @@ def make_request(tokenizer, item: Item, shots: Sequence[Item], block_size: int) 
     return Request(start + context[len(context) - (keep - len(start)):], continuations, True)
 
 
-@torch.inference_mode()
-def loglikelihood(model: GPT, context: Sequence[int], continuation: Sequence[int]) -> float:
-    """log p(continuation | context), summed over the continuation's tokens: the definition, with one
-    forward pass of context + continuation. score_requests computes the same for many choices at once."""
-    device = next(model.parameters()).device
-    ids = torch.tensor([[*context, *continuation[:-1]]], device=device)
-    logits, _ = model(ids)  # (1, T, V)
-    logprobs = logits[0, len(context) - 1:].float().log_softmax(-1)  # (L, V): the rows predicting the continuation
-    return logprobs.gather(-1, torch.tensor(continuation, device=device)[:, None]).sum().item()
-
-
 def repeat_rows(cache: KVCache, config, rows: torch.Tensor) -> KVCache:
     """A KV cache whose row i is row rows[i] of `cache`: the context's keys and values, one copy per choice."""
     out = KVCache(config, len(rows), cache.max_length, rows.device, cache.keys[0].dtype)
@@ -416,48 +211,49 @@ def score_batch(model: GPT, contexts: Sequence[Sequence[int]], continuations: Se
     scores = first[owner, torch.tensor([r[0] for r in rows], device=device)]  # (R,)
     if L > 1:
         inputs = torch.zeros(len(rows), L - 1, dtype=torch.long)
-        targets = torch.full((len(rows), L - 1), -100, dtype=torch.long)
+        targets = torch.full((len(rows), L - 1), IGNORE, dtype=torch.long)
         for i, r in enumerate(rows):
             inputs[i, :len(r) - 1] = torch.tensor(r[:-1])
             targets[i, :len(r) - 1] = torch.tensor(r[1:])
         inputs, targets = inputs.to(device), targets.to(device)
-        logits, _ = model(inputs, attention_mask=(targets >= 0).long(), kv_cache=repeat_rows(cache, config, owner),
+        logits, _ = model(inputs, attention_mask=(targets != IGNORE).long(), kv_cache=repeat_rows(cache, config, owner),
                           cache_positions=torch.arange(T, T + L - 1, device=device))  # (R, L - 1, V)
         logits = logits.float()
         picked = logits.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1) - logits.logsumexp(-1)  # (R, L - 1)
-        scores = scores + picked.masked_fill(targets < 0, 0).sum(-1)
+        scores = scores + picked.masked_fill(targets == IGNORE, 0).sum(-1)
     return [part.tolist() for part in scores.cpu().split(counts.tolist())]
+
+
+def question_batches(requests: Sequence[Request], batch_size: int, block_size: int) -> list[list[int]]:
+    """The requests' indices in batches: questions of similar context length together (less padding), at
+    most batch_size of them, and a batch's longest context plus its longest continuation within the
+    model's context (they share one KV cache)."""
+    order = sorted(range(len(requests)), key=lambda i: len(requests[i].context), reverse=True)
+    batches: list[list[int]] = []
+    batch: list[int] = []
+    for i in order:
+        grown = batch + [i]
+        longest = max(len(c) for j in grown for c in requests[j].continuations)
+        if batch and (len(grown) > batch_size or len(requests[grown[0]].context) + longest - 1 > block_size):
+            batches.append(batch)
+            grown = [i]
+        batch = grown
+    return batches + [batch] if batch else batches
 
 
 def score_requests(model: GPT, requests: Sequence[Request], batch_size: int, device: torch.device,
                    on_progress: Callable[[int, int], None] | None = None) -> list[list[float]]:
-    """Every request's choice scores, in the requests' order. Questions of similar context length share
-    a batch (less padding), of at most batch_size questions whose cache fits the model's context."""
-    block_size = model.config.block_size
-    order = sorted(range(len(requests)), key=lambda i: len(requests[i].context), reverse=True)
+    """Every request's choice scores, in the requests' order."""
     scores: list[list[float]] = [[] for _ in requests]
-    batch: list[int] = []
     done = 0
-
-    def run(batch: list[int]) -> None:
-        nonlocal done
-        found = score_batch(model, [requests[i].context for i in batch],
-                            [requests[i].continuations for i in batch], device)
+    for batch in question_batches(requests, batch_size, model.config.block_size):
+        found = score_batch(model, [requests[i].context for i in batch], [requests[i].continuations for i in batch],
+                            device)
         for i, s in zip(batch, found):
             scores[i] = s
         done += len(batch)
         if on_progress:
             on_progress(done, len(requests))
-
-    for i in order:
-        grown = batch + [i]
-        longest = max(len(c) for j in grown for c in requests[j].continuations)
-        if batch and (len(grown) > batch_size or len(requests[grown[0]].context) + longest - 1 > block_size):
-            run(batch)
-            grown = [i]
-        batch = grown
-    if batch:
-        run(batch)
     return scores
 
 
@@ -569,28 +365,27 @@ class NgramIndex:
                     yield i, position
 
 
+def file_texts(path: Path, before: int, on_bytes: Callable[[int], None]) -> Iterator[str]:
+    """A text file's text, block by block; on_bytes gets the bytes read so far, `before` this file included."""
+    for text, n_bytes in read_blocks(path, "replace", TEXT_BLOCK_BYTES):
+        before += n_bytes
+        on_bytes(before)
+        yield text
+
+
 def text_token_chunks(files: Sequence[Path], tokenizer, threads: int,
                       on_bytes: Callable[[int], None]) -> Iterator[tuple[Path, int, np.ndarray]]:
     """(file, index of its first token in the file, tokens) for every piece of every text file: each file
     is read in blocks and tokenized as tokenizer.py prepares corpora (cut only where the ids cannot
     change; tiktoken on `threads` threads). Bytes that are not UTF-8 become U+FFFD: they cannot be
     part of an item's text anyway."""
-    read_before = 0
+    before = 0
     for path in files:
-        read = 0
-
-        def blocks(path: Path = path) -> Iterator[str]:
-            nonlocal read
-            for text, n_bytes in read_blocks(path, "replace", TEXT_BLOCK_BYTES):
-                read += n_bytes
-                on_bytes(read_before + read)
-                yield text
-
         offset = 0
-        for ids in document_ids(tokenizer, blocks(), threads):
+        for ids in document_ids(tokenizer, file_texts(path, before, on_bytes), threads):
             yield path, offset, np.asarray(ids, dtype=np.int64)
             offset += len(ids)
-        read_before += read
+        before += path.stat().st_size  # what file_texts read of it
 
 
 def is_token_folder(source: str | Path) -> bool:
@@ -675,7 +470,7 @@ def greedy_continuations(model: GPT, prompts: Sequence[Sequence[int]], new_token
 def read_answers(path: Path, need_instruction: bool) -> list[dict]:
     """The entries of an answers file (finetune_instruct.py's test-responses.json: a JSON list or JSONL)."""
     entries = []
-    for line, record in read_records(path):
+    for line, record in load_records(path):
         where = f"{path} line {line}"
         entry = {"output": field(record, "output", str, where),
                  "model_response": field(record, "model_response", str, where)}
@@ -688,23 +483,6 @@ def read_answers(path: Path, need_instruction: bool) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------------
 # Command line
-
-class Progress:
-    """One status line on stderr, rewritten at most once a second: done / total and the rate."""
-
-    def __init__(self, label: str, unit: str):
-        self.label, self.unit = label, unit
-        self.start = self.last = time.perf_counter()
-        self.shown = False
-
-    def __call__(self, done: int, total: int) -> None:
-        now = time.perf_counter()
-        if now - self.last >= 1 or (done == total and self.shown):
-            self.last, self.shown = now, True
-            rate = done / max(now - self.start, 1e-9)
-            print(f"\r{self.label}: {done}/{total} {self.unit} ({rate:.1f}/s)", end="" if done < total else "\n",
-                  file=sys.stderr, flush=True)
-
 
 def json_target(args: argparse.Namespace) -> Path | None:
     """--json's file, checked before any work: its folder writable, an existing file kept unless --force."""
@@ -738,16 +516,16 @@ def model_name(init: str, preset: str | None) -> str:
 
 def language_model(init: str, preset: str | None, seed: int, device: torch.device, dtype: torch.dtype,
                    flag: str = "--init") -> tuple[GPT, object, dict]:
-    """The model `init` names, in eval mode, with its own tokenizer and its card (load_model's extra)."""
+    """The model `init` names, in eval mode, with its own tokenizer and its card (what load_model says of it)."""
     torch.manual_seed(seed)  # makes a random model reproducible
-    model, extra = load_model(init, preset=preset, device=device, dtype=dtype)
+    model, card = load_model(init, preset=preset, device=device, dtype=dtype)
     if model.config.num_classes is not None:
         raise UserError(f"{flag} {init} is a classifier ({model.config.num_classes} classes), not a language model")
-    tokenizer = tokenizer_for(extra)
+    tokenizer = tokenizer_for(card)
     if tokenizer.n_vocab > model.config.vocab_size:
         raise UserError(f"{flag} {init}: its tokenizer has {tokenizer.n_vocab} tokens but the model only "
                         f"{model.config.vocab_size} embeddings; they do not belong together")
-    return model.eval(), tokenizer, extra
+    return model.eval(), tokenizer, card
 
 
 def text_documents(source: str | None) -> list[tuple[Path, str]]:
@@ -773,7 +551,7 @@ def perplexity_main(args: argparse.Namespace) -> dict:
         raise UserError(f"--stride {stride} is larger than the context ({context}); some tokens would never be scored")
     ids = [start_ids(tokenizer) + tokenizer.encode_ordinary(text) for _, text in documents]
     start = time.perf_counter()
-    nats, tokens = sequence_nll(model, ids, context, stride, args.batch_size, device, Progress("perplexity", "windows"))
+    nats, tokens = sequence_nll(model, ids, context, stride, args.batch_size, device, ProgressLine("perplexity", unit="windows").count)
     seconds = time.perf_counter() - start
     if not math.isfinite(nats):
         raise UserError(f"the loss of {args.init} on this text is not finite ({nats}); its weights are broken")
@@ -832,7 +610,7 @@ def shots_for(items: Sequence[Item], args: argparse.Namespace) -> Callable[[Item
 def score_choices(model: GPT, tokenizer, items: Sequence[Item], shots: Callable[[Item], list[Item]],
                   batch_size: int, device: torch.device, label: str) -> tuple[list[list[float]], int]:
     requests = [make_request(tokenizer, item, shots(item), model.config.block_size) for item in items]
-    scores = score_requests(model, requests, batch_size, device, Progress(label, "questions"))
+    scores = score_requests(model, requests, batch_size, device, ProgressLine(label, unit="questions").count)
     if not all(math.isfinite(v) for s in scores for v in s):
         raise UserError("the model's scores are not finite; its weights are broken")
     return scores, sum(r.truncated for r in requests)
@@ -916,7 +694,7 @@ def contamination_main(args: argparse.Namespace) -> dict:
     chunks = (token_folder_chunks(folder, train, val, progress.update) if folder is not None
               else text_token_chunks(files, tokenizer, args.threads, progress.update))
     first, corpus_tokens = find_overlaps(index, chunks)
-    if progress.last > progress.start:  # a line was shown (it is, after half a second): end it
+    if progress.shown:
         progress.close()
     seconds = time.perf_counter() - start
     if corpus_tokens == 0:
@@ -940,11 +718,6 @@ def contamination_main(args: argparse.Namespace) -> dict:
 
 
 def memorization_main(args: argparse.Namespace) -> dict:
-    if args.shuffle_choices:  # choice data: does the accuracy survive a new order of the options?
-        args.shots, args.shots_from, args.exclude, args.limit = 0, None, None, None
-        if args.data is None:
-            raise UserError("--shuffle-choices needs --data with multiple-choice questions")
-        return choice_main(args)
     json_path = json_target(args)
     documents = text_documents(args.data)
     device, dtype = device_and_dtype(args.device, args.dtype)
@@ -993,10 +766,14 @@ def answers_main(args: argparse.Namespace) -> dict:
               "judge_mean": None, "judge_unparsed": None, "answers": len(items), "file": str(path)}
     table = {"answers": f"{len(items):,}", "ROUGE-L F1": f"{result['rouge_l']:.4f}",
              "exact match": f"{result['exact_match']:.4f}"}
+    counts = degenerate_answers([e["model_response"] for e in entries])
+    result.update(empty_answers=counts["empty"], repeating_answers=counts["repeating"])
+    table.update({"empty answers": f"{counts['empty']:,}", "answers repeating one word": f"{counts['repeating']:,}"})
+    note = degenerate_note(counts, len(items), "they score 0; the model that wrote them has not learned to answer")
     if args.judge is not None:
         device, dtype = device_and_dtype(args.device, args.dtype)
-        judge, tokenizer, extra = language_model(args.judge, args.preset, args.seed, device, dtype, "--judge")
-        template = TEMPLATES[args.judge_template or default_template(extra)]
+        judge, tokenizer, card = language_model(args.judge, args.preset, args.seed, device, dtype, "--judge")
+        template = TEMPLATES[args.judge_template or default_template(card)]
         prompts = [prompt_ids(tokenizer, template, judge_prompt(e)) for e in entries]
         cut = sum(len(p) >= judge.config.block_size for p in prompts)
         if cut:
@@ -1016,6 +793,8 @@ def answers_main(args: argparse.Namespace) -> dict:
             f" (e.g. {', '.join(repr(reply[:40]) for reply in unparsed[:2])})" if unparsed else "")
     result["items"] = items
     print_figures(f"answers in {path}", table)
+    if note:
+        print(note)
     write_json(json_path, result)
     return result
 
@@ -1039,7 +818,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         add_init_args(p, "gpt2", "the model to evaluate")
         add_device_args(p)
         p.add_argument("--batch-size", type=positive_int, default=batch, help=batch_help)
-        p.add_argument("--seed", type=int, default=1234, help="seed of --init random" + seed_help)
+        p.add_argument("--seed", type=int, default=SEED, help="seed of --init random" + seed_help)
         output_args(p)
 
     layout_help = "the file's layout; by default MMLU for .csv, otherwise told by the first record's fields"
@@ -1081,16 +860,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     output_args(p)
 
     p = commands.add_parser("memorization", help="how often greedy decoding recalls a training text verbatim")
-    p.add_argument("--data", default=None, help="a text file, folder or glob (by default 'The Verdict'); with "
-                                                "--shuffle-choices, multiple-choice questions")
+    p.add_argument("--data", default=None, help="a text file, folder or glob (by default 'The Verdict')")
     p.add_argument("--prefix", type=positive_int, default=32, help="tokens of the text in each prompt")
     p.add_argument("--suffix", type=positive_int, default=32, help="tokens that must follow exactly")
     p.add_argument("--samples", type=positive_int, default=200, help="prompts, at positions drawn with --seed")
-    p.add_argument("--shuffle-choices", action=argparse.BooleanOptionalAction, default=False,
-                   help="--data holds multiple-choice questions: compare their accuracy with the options in "
-                        "another order (see choice --shuffle-choices)")
-    p.add_argument("--layout", choices=LAYOUTS[:3], default=None, help="with --shuffle-choices: " + layout_help)
-    model_args(p, 16, "prompts per batch", ", of the sampled positions and of --shuffle-choices' orders")
+    model_args(p, 16, "prompts per batch", " and of the sampled positions")
 
     p = commands.add_parser("answers", help="ROUGE-L, exact match and a judge's score of instruction answers")
     p.add_argument("file", help="answers in the book's instruction-data-with-response.json layout (output, "
@@ -1102,7 +876,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the judge's prompt format; by default the one it was finetuned with or its family's own")
     p.add_argument("--judge-max-new-tokens", type=positive_int, default=16, help="length of the judge's reply")
     p.add_argument("--batch-size", type=positive_int, default=8, help="judge prompts per batch")
-    p.add_argument("--seed", type=int, default=1234, help="seed of --judge random")
+    p.add_argument("--seed", type=int, default=SEED, help="seed of --judge random")
     add_device_args(p)
     output_args(p)
 
@@ -1112,8 +886,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         check_preset(parser, getattr(args, model_flag), args.preset, f"--{model_flag}")
     if args.command == "choice" and bool(args.shots) != bool(args.shots_from):
         parser.error("--shots K and --shots-from FILE go together: K solved examples from FILE before each question")
-    if args.command == "memorization" and args.layout and not args.shuffle_choices:
-        parser.error("--layout reads multiple-choice data, which memorization reads only with --shuffle-choices")
     return args
 
 

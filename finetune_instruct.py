@@ -3,26 +3,9 @@
     python finetune_instruct.py                        # gpt2-medium, the book's 1,100 instructions, 2 epochs
     python finetune_instruct.py --ask "Name three primary colors." --ask "Rewrite 'it is hot' as a question."
 
-Reading order: the data (a JSON list or JSONL of instruction/input/output entries, split as the book
-splits it), the prompt templates (the book's Alpaca format and the chat formats of Mistral and Phi-3),
-the batches (padded to their own longest example; padding never in the loss), training (AdamW, the
-best-validation weights kept), the answers to the test set (KV-cached, batched, greedy), --ask, and
-the command line.
-
-What differs from the recipe in "LLMs from scratch" (ch. 7), and why. What each example teaches is
-the same: the same tokens, the same targets (the end token once, padding never), the same split.
-- Batches group examples of similar length (see `length_grouped_batches`): on the default data,
-  random batches of 8 compute 23 % more tokens than the examples hold; grouped ones 1.4 % more.
-- The LM head runs only where a target counts (see `target_loss`): never on padding, and with
-  --mask-prompt never on the prompt (a GPT-2 124M step was 9 % faster with it on this CPU).
-- Validation runs on the whole validation split every --eval-every steps (the book: 5 train and 5
-  validation batches every 5 steps, which costs about two thirds of the training itself), and the
-  weights with the best validation loss are the ones saved.
-- The test answers come from a KV cache, in batches of prompts of similar length with left padding,
-  and stop at the end token or the template's next header (the book recomputes the whole sequence
-  for every new token, one prompt at a time, and always to the end token).
-- The prompt ends with the response header ("### Response:\\n"), so the answer is exactly what the
-  model writes after it; AdamW's weight decay applies to matrices only, as in pretrain.py.
+Reading order: the loss (computed only where a target counts), the training loop (AdamW, validation
+every --eval-every steps, the best-validation weights kept), the run (data and templates from data.py
+and templates.py, the model, its answers to the test set), --ask, and the command line.
 """
 import argparse
 import json
@@ -38,30 +21,24 @@ import torch
 import torch.nn.functional as F
 
 import planner
-from common import (ArgumentParser, RunLock, UserError, atomic_write, clock, non_negative_float, non_negative_int,
+from common import (ArgumentParser, RunLock, SEED, UserError, atomic_write, clock, non_negative_float, non_negative_int,
                     positive_float, positive_int, run_stage, side_by_side, writable_folder)
-from data import (Example, IGNORE, collate, default_data, length_grouped_batches, load_entries, make_example,
-                  random_batches, split_entries)
-from download import DownloadError
+from data import (Example, collate, default_data, degenerate_answers, degenerate_note, length_grouped_batches,
+                  load_entries, make_example, random_batches, split_entries)
 from generate import answer
 from load_gpt2 import add_init_args, check_preset, load_model, model_card, tokenizer_for
-from model import GPT, add_device_args, add_lora, autocast, device_and_dtype, merge_lora, save_checkpoint
+from model import GPT, IGNORE, add_device_args, add_lora, autocast, device_and_dtype, merge_lora, save_checkpoint
 from templates import TEMPLATES, Template, default_template, prompt_ids
+from training import (best_weights, check_finite, load_state, model_to_finetune, read_inputs, restore, save_state,
+                      trainable_parameters)
+
 
 
 MODEL_FILE, RESPONSES_FILE, METRICS_FILE = "model.pt", "test-responses.json", "metrics.json"
-
-
-# ---------------------------------------------------------------------------------------------------
-# Data: a list of {"instruction", "input", "output"} entries, split as the book splits it
-
-
-# ---------------------------------------------------------------------------------------------------
-# Prompt templates: the text around an entry, as each model family was taught to read it
-
-
-# ---------------------------------------------------------------------------------------------------
-# Examples and batches
+STATE_FILE = "state.pt"  # an unfinished run's state after its last finished epoch, for --resume
+# Flags that change what a resumed run computes; --epochs may grow, --device or --eval-every may change.
+RESUME_MUST_MATCH = ("data", "init", "preset", "template", "trainable", "lora_rank", "lora_alpha", "mask_prompt",
+                     "max_length", "batch_size", "lr", "weight_decay", "group_by_length", "seed", "dtype")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -94,86 +71,118 @@ def evaluate_loss(model: GPT, examples: Sequence[Example], batch_size: int, pad_
     return total / count if count else math.nan
 
 
-def fit(model: GPT, splits: dict[str, list[Example]], args: argparse.Namespace, pad_id: int,
-        device: torch.device, dtype: torch.dtype) -> dict:
+def train_step(model: GPT, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, targets: torch.Tensor,
+               device: torch.device, dtype: torch.dtype, where: str, kept: str) -> float:
+    """One AdamW step on one batch (B, T); the batch's mean loss. where and kept: for the message if the
+    loss is not finite."""
+    model.train()
+    with autocast(device, dtype):
+        loss, _ = target_loss(model, inputs.to(device), targets.to(device))
+    check_finite(loss, where, kept)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+def progress_line(step: int, total_steps: int, epoch: int, epochs: int, interval: dict, val_loss: float | None,
+                  eta: float, best: bool) -> str:
+    """The figures of the steps since the last line: mean loss, tokens/s, ms/step, and the ETA."""
+    mean_loss = sum(interval["losses"]) / len(interval["losses"])
+    val_text = f"{val_loss:7.4f}" if val_loss is not None else "      -"
+    return (f"step {step:>5}/{total_steps} | epoch {epoch}/{epochs} | loss {mean_loss:7.4f} | val {val_text} | "
+            f"{interval['tokens'] / interval['seconds']:7.0f} tok/s | "
+            f"{1000 * interval['seconds'] / len(interval['losses']):7.0f} ms/step | eta {clock(eta)}"
+            + ("  (best so far)" if best else ""))
+
+
+def start_progress(resumed: dict | None, trainable: list, optimizer: torch.optim.Optimizer,
+                   generator: torch.Generator, epochs: int) -> dict:
+    """Where the run stands: from the saved state when resuming (weights, optimizer and batch order put
+    back), else at its start."""
+    if resumed is None:
+        return {"epoch": 0, "step": 0, "train_losses": [], "val_losses": [],
+                "best": {"val_loss": math.inf, "step": None}, "best_weights": {}, "tokens": 0, "padded_tokens": 0}
+    restore(trainable, resumed["trainable"])
+    optimizer.load_state_dict(resumed["optimizer"])
+    generator.set_state(resumed["generator"])
+    print(f"resuming after epoch {resumed['epoch']} of {epochs} (step {resumed['step']})")
+    return {key: resumed[key] for key in PROGRESS_KEYS}
+
+
+PROGRESS_KEYS = ("epoch", "step", "train_losses", "val_losses", "best", "best_weights", "tokens", "padded_tokens")
+
+
+def train(model: GPT, splits: dict[str, list[Example]], args: argparse.Namespace, pad_id: int, device: torch.device,
+          dtype: torch.dtype, state_path: Path, resumed: dict | None = None) -> dict:
     """AdamW over the training examples for args.epochs; validation every args.eval_every steps and at
     the end. The model ends with the weights of the best validation loss seen after training began.
 
-    Ctrl-C stops the run (reported in the result; the best weights so far are in the model, if any
-    validation has happened). A loss that is not finite stops it with a UserError."""
-    train, val = splits["train"], splits["val"]
+    After each epoch the run's state goes to state_path (resumed: that state, to continue from). Ctrl-C
+    stops the run (reported in the result; the best weights so far are in the model, if any validation
+    has happened). A loss that is not finite stops it with a UserError."""
+    examples, val = splits["train"], splits["val"]
     optimizer = model.configure_optimizer(args.lr, args.weight_decay, betas=(0.9, 0.999), device_type=device.type)
     generator = torch.Generator().manual_seed(args.seed)
-    steps_per_epoch = math.ceil(len(train) / args.batch_size)
-    total_steps = args.epochs * steps_per_epoch
-    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    lengths = [len(e.ids) - 1 for e in train]
-    step, train_losses, val_losses = 0, [], []
-    best, best_weights = {"val_loss": math.inf, "step": None}, None
-    tokens = padded = 0  # real and computed input tokens of the whole run
+    total_steps = args.epochs * math.ceil(len(examples) / args.batch_size)
+    trainable = trainable_parameters(model)
+    lengths = [len(e.ids) - 1 for e in examples]
     interval = {"losses": [], "tokens": 0, "seconds": 0.0}
-    interrupted = False
-    t_start = time.perf_counter()
+    run = start_progress(resumed, trainable, optimizer, generator, args.epochs)
+    interrupted, t_start, first_step, first_tokens = False, time.perf_counter(), run["step"], run["tokens"]
     try:
-        val_losses.append({"step": 0, "epoch": 0, "val_loss": evaluate_loss(
-            model, val, args.batch_size, pad_id, args.mask_prompt, device, dtype)})
-        print(f"step {0:>5}/{total_steps} | validation loss before finetuning {val_losses[-1]['val_loss']:.4f}")
+        if resumed is None:
+            val_loss = evaluate_loss(model, val, args.batch_size, pad_id, args.mask_prompt, device, dtype)
+            run["val_losses"].append({"step": 0, "epoch": 0, "val_loss": val_loss})
+            print(f"step {0:>5}/{total_steps} | validation loss before finetuning {val_loss:.4f}")
         t_start = time.perf_counter()
-        for epoch in range(1, args.epochs + 1):
+        for epoch in range(run["epoch"] + 1, args.epochs + 1):
             batches = (length_grouped_batches(lengths, args.batch_size, generator) if args.group_by_length
-                       else random_batches(len(train), args.batch_size, generator))
+                       else random_batches(len(examples), args.batch_size, generator))
             for index in batches:
                 t0 = time.perf_counter()
-                model.train()
-                inputs, targets = collate([train[i] for i in index], pad_id, args.mask_prompt)
-                with autocast(device, dtype):
-                    loss, _ = target_loss(model, inputs.to(device), targets.to(device))
-                if not torch.isfinite(loss):
-                    raise UserError(f"the loss became {loss.item()} at step {step + 1} (epoch {epoch}), so training "
-                                    f"stopped and nothing was saved; try a lower --lr")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                step += 1
-                train_losses.append(loss.item())
-                n_tokens = sum(lengths[i] for i in index)
-                tokens, padded = tokens + n_tokens, padded + inputs.numel()
-                interval["losses"].append(train_losses[-1])
+                inputs, targets = collate([examples[i] for i in index], pad_id, args.mask_prompt)
+                kept = f"{state_path} holds the run after epoch {epoch - 1}" if epoch > 1 else "nothing was saved"
+                run["train_losses"].append(train_step(model, optimizer, inputs, targets, device, dtype,
+                                                      f"step {run['step'] + 1} (epoch {epoch})", kept))
+                run["step"] += 1
+                step, n_tokens = run["step"], sum(lengths[i] for i in index)
+                run["tokens"], run["padded_tokens"] = run["tokens"] + n_tokens, run["padded_tokens"] + inputs.numel()
+                interval["losses"].append(run["train_losses"][-1])
                 interval["tokens"] += n_tokens
                 interval["seconds"] += time.perf_counter() - t0
                 val_loss = None
                 if step % args.eval_every == 0 or step == total_steps:
                     val_loss = evaluate_loss(model, val, args.batch_size, pad_id, args.mask_prompt, device, dtype)
-                    val_losses.append({"step": step, "epoch": epoch, "val_loss": val_loss})
-                    if val_loss < best["val_loss"]:
-                        # a new dict, bound at once: a Ctrl-C while copying leaves the previous best intact
-                        best_weights = {name: p.detach().clone() for name, p in trainable}
-                        best = {"val_loss": val_loss, "step": step}
+                    run["val_losses"].append({"step": step, "epoch": epoch, "val_loss": val_loss})
+                    if val_loss < run["best"]["val_loss"]:  # one assignment: a Ctrl-C leaves the old best whole
+                        run["best_weights"], run["best"] = best_weights(trainable), {"val_loss": val_loss,
+                                                                                      "step": step}
                 if step % args.log_every == 0 or val_loss is not None:
-                    eta = (time.perf_counter() - t_start) / step * (total_steps - step)
-                    mean_loss = sum(interval["losses"]) / len(interval["losses"])
-                    val_text = f"{val_loss:7.4f}" if val_loss is not None else "      -"
-                    print(f"step {step:>5}/{total_steps} | epoch {epoch}/{args.epochs} | loss {mean_loss:7.4f} | "
-                          f"val {val_text} | {interval['tokens'] / interval['seconds']:7.0f} tok/s | "
-                          f"{1000 * interval['seconds'] / len(interval['losses']):7.0f} ms/step | eta {clock(eta)}"
-                          + ("  (best so far)" if best["step"] == step else ""), flush=True)
+                    eta = (time.perf_counter() - t_start) / (step - first_step) * (total_steps - step)
+                    print(progress_line(step, total_steps, epoch, args.epochs, interval, val_loss, eta,
+                                        run["best"]["step"] == step), flush=True)
                     interval = {"losses": [], "tokens": 0, "seconds": 0.0}
+            run["epoch"] = epoch
+            if epoch < args.epochs:  # after the last one the run is done: nothing to resume
+                save_state(state_path, trainable, optimizer, generator, run, args)
     except KeyboardInterrupt:  # a half-done step does not matter: the best weights below replace it
         interrupted = True
-        print(f"\nCtrl-C: stopped at step {step} of {total_steps}")
-    if best_weights is not None:
-        with torch.no_grad():
-            for name, p in trainable:
-                p.copy_(best_weights[name])
-    train_seconds = time.perf_counter() - t_start
-    return {"steps": step, "total_steps": total_steps, "train_losses": train_losses, "val_losses": val_losses,
-            "best_step": best["step"], "best_val_loss": best["val_loss"] if best["step"] else None,
-            "interrupted": interrupted, "train_seconds": train_seconds,
-            "tokens": tokens, "padded_tokens": padded, "tokens_per_s": tokens / train_seconds if step else None}
+        print(f"\nCtrl-C: stopped at step {run['step']} of {total_steps}"
+              + (f"; {state_path} holds the run after epoch {run['epoch']}" if run["epoch"] else ""))
+    restore(trainable, run["best_weights"])
+    seconds = time.perf_counter() - t_start
+    best = run["best"]
+    return {"steps": run["step"], "total_steps": total_steps, "train_losses": run["train_losses"],
+            "val_losses": run["val_losses"], "best_step": best["step"],
+            "best_val_loss": best["val_loss"] if best["step"] else None, "interrupted": interrupted,
+            "epochs_done": run["epoch"], "train_seconds": seconds, "tokens": run["tokens"],
+            "padded_tokens": run["padded_tokens"],
+            "tokens_per_s": (run["tokens"] - first_tokens) / seconds if run["step"] > first_step else None}
 
 
 # ---------------------------------------------------------------------------------------------------
-# Answers: KV-cached, batched, greedy by default
+# Answers to the test set, shown beside the references
 
 
 def show_examples(entries: list[dict], n: int = 3) -> None:
@@ -210,9 +219,15 @@ def prepare(splits: dict[str, list[dict]], tokenizer, template: Template, max_le
     return examples, summary
 
 
-def check_existing_run(out_dir: Path, force: bool) -> None:
+def check_existing_run(out_dir: Path, args: argparse.Namespace) -> None:
+    """Refuse to start over an unfinished run (its state is there) or a finished one, unless --force."""
+    if args.force or args.resume:
+        return
+    if (out_dir / STATE_FILE).exists():
+        raise UserError(f"{out_dir} holds an unfinished run ({STATE_FILE}); add --resume to continue it, --force to "
+                        f"replace it, or choose another --out-dir")
     for name in (MODEL_FILE, METRICS_FILE, RESPONSES_FILE):
-        if (out_dir / name).exists() and not force:
+        if (out_dir / name).exists():
             raise UserError(f"{out_dir} already holds a run ({name}); add --force to replace it, or choose another "
                             f"--out-dir")
 
@@ -225,14 +240,8 @@ def remove_old_results(out_dir: Path) -> None:
 
 
 def starting_model(args: argparse.Namespace, device: torch.device) -> tuple[GPT, dict]:
-    """The --init model, with LoRA adapters under --trainable lora, and load_model's extra."""
-    torch.manual_seed(args.seed)  # a random init and LoRA's matrices
-    try:
-        model, extra = load_model(args.init, preset=args.preset, device=device)
-    except DownloadError as e:
-        raise DownloadError(f"{e}; or run without downloading weights: --init random --preset mini (a small model "
-                            f"from scratch, for trying the pipeline), or --init PATH to a local checkpoint or "
-                            f"model.safetensors") from None
+    """The --init model, with LoRA adapters under --trainable lora, and the model's card."""
+    model, card = model_to_finetune(args.init, args.preset, args.seed, device, "--init random --preset mini --lr 3e-4")
     if model.config.num_classes is not None:
         raise UserError(f"{args.init} is a classifier; instruction finetuning needs a language model")
     if args.max_length and args.max_length > model.config.block_size:
@@ -241,20 +250,52 @@ def starting_model(args: argparse.Namespace, device: torch.device) -> tuple[GPT,
     if args.trainable == "lora":
         model.requires_grad_(False)
         add_lora(model, args.lora_rank, args.lora_alpha)  # only LoRA's A and B train
-    return model, extra
+    return model, card
 
 
-def save_finetuned(out_dir: Path, model: GPT, extra: dict, template: Template, args: argparse.Namespace,
+def save_finetuned(out_dir: Path, model: GPT, card: dict, template: Template, args: argparse.Namespace,
                    result: dict) -> Path:
     """The best weights as a plain GPT (LoRA merged in) that generate.py --init and --ask load."""
     merge_lora(model)  # a no-op unless --trainable lora
     remove_old_results(out_dir)
     path = out_dir / MODEL_FILE
-    save_checkpoint(path, model, **model_card(extra), template=template.name, init=args.init,
+    save_checkpoint(path, model, **model_card(card), template=template.name, init=args.init,
                     trainable=args.trainable, step=result["best_step"], val_loss=result["best_val_loss"])
     print(f"saved the weights of step {result['best_step']} (validation loss {result['best_val_loss']:.4f}) "
           f"to {path}")
     return path
+
+
+UNTRAINED_ADVICE = ("the model has not learned to answer yet: train it longer or with a larger --lr (a random "
+                    "model: --init random --preset mini --lr 3e-4 --epochs 4)")
+
+
+def answer_test_set(model: GPT, tokenizer, template: Template, test: list[dict], args: argparse.Namespace,
+                    device: torch.device, dtype: torch.dtype, out_dir: Path, metrics: dict) -> list[dict] | None:
+    """The test entries, each with the model's answer, written to OUT_DIR/test-responses.json; their
+    figures go into metrics. None after a Ctrl-C (metrics say so)."""
+    print(f"answering the {len(test)} test instructions (at most {args.max_new_tokens} new tokens each)")
+    t_answers = time.perf_counter()
+    prompts = [prompt_ids(tokenizer, template, e["instruction"], e["input"]) for e in test]
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    try:
+        responses = answer(model, prompts, tokenizer, template, max_new_tokens=args.max_new_tokens,
+                           batch_size=args.answer_batch_size, device=device, dtype=dtype,
+                           temperature=args.temperature, top_k=args.top_k, generator=generator)
+    except KeyboardInterrupt:
+        print("\nCtrl-C: stopped answering")
+        metrics["interrupted"] = True
+        return None
+    metrics["answers_seconds"] = time.perf_counter() - t_answers
+    tested = [{**entry, "model_response": r} for entry, r in zip(test, responses)]
+    atomic_write(out_dir / RESPONSES_FILE, json.dumps(tested, indent=4, ensure_ascii=False))
+    metrics["test_responses"] = str(out_dir / RESPONSES_FILE)
+    counts = degenerate_answers(responses)
+    metrics.update(empty_answers=counts["empty"], repeating_answers=counts["repeating"])
+    note = degenerate_note(counts, len(responses), UNTRAINED_ADVICE)
+    if note:
+        print(note, file=sys.stderr)
+    return tested
 
 
 def train_main(args: argparse.Namespace) -> dict:
@@ -264,11 +305,12 @@ def train_main(args: argparse.Namespace) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls (outside autocast) on tensor cores
     out_dir = writable_folder(args.out_dir)
     with RunLock(out_dir):
-        check_existing_run(out_dir, args.force)
+        check_existing_run(out_dir, args)
+        resumed = load_state(out_dir / STATE_FILE, args, RESUME_MUST_MATCH) if args.resume else None
         data_path = Path(args.data) if args.data else default_data()
         splits = split_entries(load_entries(data_path))
-        model, extra = starting_model(args, device)
-        tokenizer, template = tokenizer_for(extra), TEMPLATES[args.template or default_template(extra)]
+        model, card = starting_model(args, device)
+        tokenizer, template = tokenizer_for(card), TEMPLATES[args.template or default_template(card)]
         max_length = args.max_length or model.config.block_size
         examples, data = prepare(splits, tokenizer, template, max_length, args.mask_prompt)
         print(f"data: {data_path}: {sum(len(s) for s in splits.values())} entries; train {data['train']}, "
@@ -277,18 +319,18 @@ def train_main(args: argparse.Namespace) -> dict:
               f"{data['truncated']} cut to --max-length {max_length}"
               + (f"; {data['left_out']} left out (no response token within --max-length)" if data["left_out"] else ""))
         n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print(f"model: {args.init}{' ' + args.preset if args.preset else ''} ({extra['model_type']}), "
+        print(f"model: {args.init}{' ' + args.preset if args.preset else ''} ({card['model_type']}), "
               f"{model.num_params() / 1e6:.1f}M parameters, context {model.config.block_size}; training "
               f"{args.trainable}: {n_trainable / 1e6:.2f}M parameters on {device} "
               f"({str(dtype).removeprefix('torch.')})")
         metrics = {"data": {"path": str(data_path), **data}, "template": template.name,
-                   "model": {"init": args.init, "preset": args.preset, "model_type": extra["model_type"],
+                   "model": {"init": args.init, "preset": args.preset, "model_type": card["model_type"],
                              "params": model.num_params(), "trainable_params": n_trainable},
                    "settings": vars(args), "interrupted": False, "checkpoint": None, "train_seconds": 0.0}
 
         if args.epochs:
             pad_id = tokenizer.eos_id  # any id: padding is never attended to nor learned
-            metrics.update(fit(model, examples, args, pad_id, device, dtype))
+            metrics.update(train(model, examples, args, pad_id, device, dtype, out_dir / STATE_FILE, resumed))
             if metrics["steps"]:
                 print(f"trained {metrics['steps']} steps in {clock(metrics['train_seconds'])} "
                       f"({metrics['tokens_per_s']:.0f} tokens/s with validation); padding was "
@@ -298,30 +340,20 @@ def train_main(args: argparse.Namespace) -> dict:
                     raise UserError("the validation loss was never finite, so nothing was saved; try a lower --lr")
                 print("nothing was saved: Ctrl-C came before the first validation")
                 return metrics
-            metrics["checkpoint"] = str(save_finetuned(out_dir, model, extra, template, args, metrics))
+            metrics["checkpoint"] = str(save_finetuned(out_dir, model, card, template, args, metrics))
+            if not metrics["interrupted"]:
+                (out_dir / STATE_FILE).unlink(missing_ok=True)  # the model holds what training made
         else:
             remove_old_results(out_dir)
         if not metrics["interrupted"]:
-            print(f"answering the {len(splits['test'])} test instructions (at most {args.max_new_tokens} new "
-                  f"tokens each)")
-            t_answers = time.perf_counter()
-            prompts = [prompt_ids(tokenizer, template, e["instruction"], e["input"]) for e in splits["test"]]
-            generator = torch.Generator(device=device).manual_seed(args.seed)
-            try:
-                responses = answer(model, prompts, tokenizer, template, max_new_tokens=args.max_new_tokens,
-                                   batch_size=args.answer_batch_size, device=device, dtype=dtype,
-                                   temperature=args.temperature, top_k=args.top_k, generator=generator)
-                metrics["answers_seconds"] = time.perf_counter() - t_answers
-                tested = [{**entry, "model_response": r} for entry, r in zip(splits["test"], responses)]
-                atomic_write(out_dir / RESPONSES_FILE, json.dumps(tested, indent=4, ensure_ascii=False))
-                metrics["test_responses"] = str(out_dir / RESPONSES_FILE)
-            except KeyboardInterrupt:
-                print("\nCtrl-C: stopped answering")
-                metrics["interrupted"] = True
+            tested = answer_test_set(model, tokenizer, template, splits["test"], args, device, dtype, out_dir, metrics)
         metrics["seconds"] = time.perf_counter() - t0
         atomic_write(out_dir / METRICS_FILE, json.dumps(metrics, indent=2))
     if metrics["interrupted"]:
-        if metrics["checkpoint"]:
+        if (out_dir / STATE_FILE).exists():
+            print(f"{out_dir / STATE_FILE} holds the run after epoch {metrics['epochs_done']}; continue it with the "
+                  f"same command plus --resume")
+        elif metrics["checkpoint"]:
             print(f"no {RESPONSES_FILE} was written; to write it: python finetune_instruct.py --init "
                   f"{out_dir / MODEL_FILE} --epochs 0 --out-dir OTHER_DIR"
                   + (f" --data {args.data}" if args.data else ""))
@@ -337,26 +369,17 @@ def train_main(args: argparse.Namespace) -> dict:
 # --ask: answer instructions with a saved model, streaming the text
 
 def ask_main(args: argparse.Namespace) -> dict:
-    instructions = []
-    for text in args.ask:
-        if text == "-":
-            instructions += [line.rstrip("\r\n") for line in sys.stdin if line.strip()]  # one per line
-        elif not text.strip():
-            raise UserError("--ask got an empty instruction; there is nothing to answer")
-        else:
-            instructions.append(text)
-    if not instructions:
-        raise UserError("stdin held no instruction to answer (--ask - reads one instruction per line)")
+    instructions = read_inputs(args.ask, "--ask", "instruction", "answer")
     device, dtype = device_and_dtype(args.device, args.dtype)
     path = Path(args.checkpoint) if args.checkpoint else Path(args.out_dir) / MODEL_FILE
     if not path.is_file():
         raise UserError(f"{path} does not exist; finetune a model first with python finetune_instruct.py "
                         f"(or name one with --checkpoint)")
-    model, extra = load_model(str(path), device=device)
+    model, card = load_model(str(path), device=device)
     if model.config.num_classes is not None:
         raise UserError(f"{path} is a classifier; --ask needs a language model")
-    tokenizer = tokenizer_for(extra)
-    template = TEMPLATES[args.template or default_template(extra)]
+    tokenizer = tokenizer_for(card)
+    template = TEMPLATES[args.template or default_template(card)]
     generator = torch.Generator(device=device).manual_seed(args.seed)
     answers = []
     for instruction in instructions:
@@ -368,7 +391,11 @@ def ask_main(args: argparse.Namespace) -> dict:
         answers += answer(model, [prompt], tokenizer, template, max_new_tokens=args.max_new_tokens, batch_size=1,
                           device=device, dtype=dtype, temperature=args.temperature, top_k=args.top_k,
                           generator=generator, on_text=lambda i, piece: print(piece, end="", flush=True))
-        print("\n", flush=True)
+        note = degenerate_note(degenerate_answers(answers[-1:]), 1, UNTRAINED_ADVICE)
+        print("\n" if note is None else f"({'an empty answer' if not answers[-1].strip() else 'a repeated word'})\n",
+              flush=True)
+        if note:
+            print(note, file=sys.stderr)
     return {"answers": [{"instruction": i, "model_response": a} for i, a in zip(instructions, answers)]}
 
 
@@ -425,11 +452,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="test prompts answered together (KV cache memory grows with it)")
     p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 answers greedily; higher samples")
     p.add_argument("--top-k", type=positive_int, default=None, help="sample among the k most likely tokens only")
-    p.add_argument("--seed", type=int, default=123, help="seed of a random init, LoRA, the batch order and sampling")
+    p.add_argument("--seed", type=int, default=SEED, help="seed of a random init, LoRA, the batch order and sampling")
     add_device_args(p, ("auto", "float32", "bfloat16"), "autocast precision")
     p.add_argument("--out-dir", default="out/instruct",
                    help=f"run folder: {MODEL_FILE} (the finetuned model; python generate.py --init loads it), "
-                        f"{RESPONSES_FILE} (the test entries with a model_response each), {METRICS_FILE}")
+                        f"{RESPONSES_FILE} (the test entries with a model_response each), {METRICS_FILE}, and "
+                        f"{STATE_FILE} while a run is unfinished (for --resume)")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
+                   help=f"continue the unfinished run in OUT_DIR after its last finished epoch ({STATE_FILE}): repeat "
+                        f"its command and add --resume (--epochs may grow)")
     p.add_argument("--force", action=argparse.BooleanOptionalAction, default=False,
                    help="replace a run already in OUT_DIR")
     p.add_argument("--ask", action="append", metavar="INSTRUCTION",
@@ -442,8 +473,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "every batch is taken as long as --max-length, else the model's context)")
     args = p.parse_args(argv)
     check_preset(p, args.init, args.preset)
+    if args.resume and args.force:
+        p.error("--resume continues a run and --force replaces it; choose one")
     if args.init == "random" and args.preset is None and not args.ask:
-        p.error("--init random needs --preset (for example --preset mini)")
+        p.error("--init random needs --preset and, to learn in a few epochs, a larger --lr (for example "
+                "--preset mini --lr 3e-4)")
     return args
 
 

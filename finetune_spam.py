@@ -4,23 +4,16 @@
     python finetune_spam.py --predict "WINNER! Claim your prize now" --predict "see you at 6?"
 
 Reading order: the data (download, parse, balance, split), the model (a 2-class head in place of the
-LM head, which parts train, LoRA), the forward pass that reads each message's last real token, the
-training loop with its cached frozen features, evaluation, prediction, the command line.
-
-What differs from the recipe in "LLMs from scratch" (ch. 6): each message is classified from the
-hidden state of its own last token (the book reads position -1, a padding token for most messages, so
-its predictions change with padding), which lets every batch be padded only to its own longest
-message (the book's own experiments without padding score 98 % against 95 %); when only the top of the
-model trains, the frozen bottom runs once per message instead of once per step (see `fit`); and the
-final block runs at the last token only (see `top`).
+LM head, which parts train, LoRA), the forward pass that reads each message's last real token (so a
+batch is padded only to its own longest message, and the padding never changes a prediction), the
+training loop (the frozen bottom of the model run once per message, see `cache_all_features`),
+evaluation, prediction, the command line.
 """
 import argparse
 import dataclasses
 import hashlib
-import io
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -31,12 +24,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (ArgumentParser, RunLock, UserError, atomic_write, clock, non_negative_float, positive_float,
-                    positive_int, refuse_changed_flags, run_stage, writable_folder)
+from common import (ArgumentParser, RunLock, SEED, UserError, atomic_write, clock, non_negative_float, positive_float,
+                    positive_int, run_stage, writable_folder)
 from download import DownloadError, SMS_SPAM_SHA256, cache_dir, fetch
 from load_gpt2 import add_init_args, check_preset, load_model, model_card, tokenizer_for
 from model import GPT, add_device_args, add_lora, autocast, device_and_dtype, merge_lora, save_checkpoint
 from tokenizer_base import bos
+from training import (best_weights, check_finite, load_state, model_to_finetune, read_inputs, restore, save_state,
+                      trainable_parameters)
+
 
 
 LABELS = ("ham", "spam")  # class index = position: 0 ham, 1 spam (the positive class)
@@ -79,21 +75,29 @@ def read_zip_member(zip_path: Path, member: str = SMS_MEMBER) -> bytes:
 
 
 def default_data() -> Path:
-    """The cached SMSSpamCollection if it verifies; else download the UCI zip and extract it."""
+    """The cached SMSSpamCollection if it verifies; else download the UCI zip and extract it.
+
+    A file placed in the cache that is not the UCI file is said so (with why), never used in silence."""
     path = cache_dir() / SMS_RELPATH
-    if path.is_file() and _sha256(path.read_bytes()) == SMS_SPAM_SHA256:
-        return path
+    rejected = ""
+    if path.is_file():
+        digest = _sha256(path.read_bytes())
+        if digest == SMS_SPAM_SHA256:
+            return path
+        why = f"its sha256 is {digest}, not the UCI file's {SMS_SPAM_SHA256}"
+        rejected = f" (the file there now is not it: {why})"
+        print(f"note: {path} is not the UCI SMS Spam Collection ({why}); taking it from the UCI zip instead",
+              file=sys.stderr)
     try:
         zip_path = fetch(SMS_ZIP_RELPATH)
     except DownloadError as e:
-        raise DownloadError(f"{e}; or pass --data with a local copy of SMSSpamCollection or its zip") from None
+        raise DownloadError(f"{e}; or save the unzipped SMSSpamCollection as {path}{rejected}, or pass --data with "
+                            f"a local copy of SMSSpamCollection or its zip") from None
     data = read_zip_member(zip_path)
     if _sha256(data) != SMS_SPAM_SHA256:
         raise UserError(f"{SMS_MEMBER} in {zip_path} is not the expected file (sha256 {_sha256(data)}); "
                         f"delete the zip to download it again")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)  # atomic: a crash never leaves a half-written file that looks cached
+    atomic_write(path, data)  # a crash never leaves a half-written file that looks cached
     return path
 
 
@@ -251,8 +255,8 @@ def cache_features(model: GPT, split: Split, start: int, batch_size: int, device
 # Evaluation
 
 @torch.no_grad()
-def evaluate(model: GPT, split: Split, start: int, batch_size: int, device: torch.device,
-             dtype: torch.dtype) -> tuple[torch.Tensor, float]:
+def evaluate_classifier(model: GPT, split: Split, start: int, batch_size: int, device: torch.device,
+                        dtype: torch.dtype) -> tuple[torch.Tensor, float]:
     """Spam probabilities (N,) and mean cross-entropy of a split; batches of similar length."""
     model.eval()
     order = sorted(range(len(split.tokens)), key=lambda i: len(split.tokens[i]))
@@ -295,135 +299,129 @@ def format_metrics(m: dict) -> str:
 # ---------------------------------------------------------------------------------------------------
 # Training
 
-STATE_FILE = "state.pt"  # the run's state after its last finished epoch, for --resume
+STATE_FILE = "state.pt"  # an unfinished run's state after its last finished epoch, for --resume
 # Flags that change what a resumed run computes; --epochs may grow, --device or --eval-every may change.
 RESUME_MUST_MATCH = ("data", "init", "preset", "trainable", "lora_rank", "lora_alpha", "batch_size", "lr",
                      "weight_decay", "seed", "dtype")
 
 
-def save_state(path: Path, trainable: list[tuple[str, torch.Tensor]], optimizer: torch.optim.Optimizer,
-               generator: torch.Generator, progress: dict, args: argparse.Namespace) -> None:
-    """Everything --resume needs after a finished epoch, written atomically.
+def cache_all_features(model: GPT, splits: dict[str, Split], start: int, batch_size: int, device: torch.device,
+                       dtype: torch.dtype) -> float:
+    """Give every split the hidden states entering block `start`; the seconds that took.
 
-    Only the trainable weights: the frozen ones come back from --init (and the seed) exactly."""
-    buffer = io.BytesIO()
-    torch.save({"trainable": {name: p.detach().cpu() for name, p in trainable},
-                "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-                "args": vars(args), **progress}, buffer)
-    atomic_write(path, buffer.getvalue())
-
-
-def load_state(path: Path, args: argparse.Namespace) -> dict:
-    """The state saved by save_state, checked against this command's flags."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        saved_args = state["args"]
-    except FileNotFoundError:
-        raise UserError(f"--resume: {path} does not exist; start the run without --resume") from None
-    except Exception:  # truncated, not ours: unusable either way
-        raise UserError(f"--resume: {path} is not a readable training state; start again with --force") from None
-    refuse_changed_flags(saved_args, args, RESUME_MUST_MATCH, path.parent,
-                         "start a new run with --force or another --out-dir")
-    return state
-
-
-def fit(model: GPT, splits: dict[str, Split], start: int, args: argparse.Namespace, device: torch.device,
-        dtype: torch.dtype, cache: bool, state_path: Path, resumed: dict | None = None) -> dict:
-    """Train with AdamW for args.epochs; keep the weights of the epoch with the best validation accuracy.
-
-    cache: blocks below `start` are frozen and, with no dropout, deterministic, so the hidden states
-    entering block `start` are the same every epoch. We compute them once per message (batched by
-    length, no padding) and train only the top: the same losses as recomputing the whole model every
-    step, for a fraction of the work (last_block on GPT-2 124M: 1 block per step instead of 12).
-
-    After each epoch the state goes to state_path (resumed: that state, to continue from). Ctrl-C
-    stops the run; the model then holds the best weights of the finished epochs, if any.
-    A loss that is not finite stops the run with a UserError."""
+    Blocks below `start` are frozen and, with no dropout, deterministic, so those hidden states are the
+    same every epoch. Computed once per message (batched by length, no padding), they let training run
+    only the top: the same losses as recomputing the whole model every step, for a fraction of the work
+    (last_block on GPT-2 124M: 1 block per step instead of 12)."""
     t0 = time.perf_counter()
-    if cache:
-        for split in splits.values():
-            split.features = cache_features(model, split, start, args.batch_size, device, dtype)
-    feature_seconds = time.perf_counter() - t0
-    if cache:
-        print(f"features: hidden states entering block {start} of {sum(len(s.tokens) for s in splits.values())} "
-              f"messages computed once in {feature_seconds:.1f} s")
+    for split in splits.values():
+        split.features = cache_features(model, split, start, batch_size, device, dtype)
+    seconds = time.perf_counter() - t0
+    print(f"features: hidden states entering block {start} of {sum(len(s.tokens) for s in splits.values())} "
+          f"messages computed once in {seconds:.1f} s")
+    return seconds
 
-    optimizer = model.configure_optimizer(args.lr, args.weight_decay, betas=(0.9, 0.999), device_type=device.type)
-    train = splits["train"]
-    generator = torch.Generator().manual_seed(args.seed)
-    steps_per_epoch = math.ceil(len(train.tokens) / args.batch_size)
-    total_steps = args.epochs * steps_per_epoch
-    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+def resume_progress(resumed: dict | None, trainable: list, optimizer: torch.optim.Optimizer,
+                    generator: torch.Generator, epochs: int) -> dict:
+    """Where the run stands: from the saved state when resuming (weights, optimizer and batch order put
+    back), else at its start."""
     progress = {"epoch": 0, "step": 0, "history": [], "losses": [],
                 "best": {"val_accuracy": -1.0, "val_loss": math.inf, "epoch": 0}, "best_weights": {}}
-    if resumed is not None:
-        with torch.no_grad():
-            for name, p in trainable:
-                p.copy_(resumed["trainable"][name])
-        optimizer.load_state_dict(resumed["optimizer"])
-        generator.set_state(resumed["generator"])
-        progress = {key: resumed[key] for key in progress}
-        print(f"resuming after epoch {progress['epoch']} of {args.epochs}")
-    history, losses, best, best_weights = (progress[k] for k in ("history", "losses", "best", "best_weights"))
-    step, interrupted = progress["step"], False
+    if resumed is None:
+        return progress
+    restore(trainable, resumed["trainable"])
+    optimizer.load_state_dict(resumed["optimizer"])
+    generator.set_state(resumed["generator"])
+    print(f"resuming after epoch {resumed['epoch']} of {epochs}")
+    return {key: resumed[key] for key in progress}
+
+
+def epoch_row(model: GPT, splits: dict[str, Split], start: int, batch_size: int, device: torch.device,
+              dtype: torch.dtype, epoch: int, t_epoch: float) -> dict:
+    """Loss and accuracy on the training and validation splits after an epoch that began at t_epoch."""
+    train_probs, train_loss = evaluate_classifier(model, splits["train"], start, batch_size, device, dtype)
+    val_probs, val_loss = evaluate_classifier(model, splits["val"], start, batch_size, device, dtype)
+    return {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
+            "train_accuracy": classification_metrics(train_probs, splits["train"].labels)["accuracy"],
+            "val_accuracy": classification_metrics(val_probs, splits["val"].labels)["accuracy"],
+            "seconds": time.perf_counter() - t_epoch}
+
+
+def train_epoch(model: GPT, splits: dict[str, Split], start: int, args: argparse.Namespace, optimizer, order: list[int],
+                progress: dict, epoch: int, total_steps: int, device: torch.device, dtype: torch.dtype,
+                state_path: Path) -> None:
+    """One pass over the training messages in `order`, a progress line (with validation loss) every
+    args.eval_every steps; the step count and losses go into progress."""
+    train = splits["train"]
+    t_interval, interval_losses = time.perf_counter(), []
+    for i in range(0, len(order), args.batch_size):
+        model.train()
+        index = order[i:i + args.batch_size]
+        with autocast(device, dtype):
+            logits = batch_logits(model, train, index, start, device)
+        loss = F.cross_entropy(logits.float(), train.labels[index].to(device))
+        check_finite(loss, f"epoch {epoch}, step {progress['step'] + 1}",
+                     f"{state_path} holds the run after epoch {epoch - 1}" if epoch > 1 else "nothing was saved")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        progress["step"] += 1
+        progress["losses"].append(loss.item())
+        interval_losses.append(loss.item())
+        step = progress["step"]
+        if step % args.eval_every == 0 or step == total_steps:
+            _, val_loss = evaluate_classifier(model, splits["val"], start, args.batch_size, device, dtype)
+            ms = 1000 * (time.perf_counter() - t_interval) / len(interval_losses)
+            print(f"epoch {epoch}/{args.epochs} step {step:5d}/{total_steps} | loss "
+                  f"{sum(interval_losses) / len(interval_losses):.4f} | val loss {val_loss:.4f} | {ms:6.1f} ms/step "
+                  f"| {1000 * args.batch_size / ms:6.1f} msg/s | eta {clock(ms / 1000 * (total_steps - step))}")
+            t_interval, interval_losses = time.perf_counter(), []
+
+
+def train(model: GPT, splits: dict[str, Split], start: int, args: argparse.Namespace, device: torch.device,
+          dtype: torch.dtype, cache: bool, state_path: Path, resumed: dict | None = None) -> dict:
+    """Train with AdamW for args.epochs; keep the weights of the epoch with the best validation accuracy
+    (among equal accuracies, the lowest validation loss).
+
+    cache: train on cached hidden states entering block `start` (see cache_all_features). After each
+    epoch the state goes to state_path (resumed: that state, to continue from). Ctrl-C stops the run;
+    the model then holds the best weights of the finished epochs, if any. A loss that is not finite
+    stops the run with a UserError."""
+    feature_seconds = cache_all_features(model, splits, start, args.batch_size, device, dtype) if cache else 0.0
+    optimizer = model.configure_optimizer(args.lr, args.weight_decay, betas=(0.9, 0.999), device_type=device.type)
+    generator = torch.Generator().manual_seed(args.seed)
+    total_steps = args.epochs * math.ceil(len(splits["train"].tokens) / args.batch_size)
+    trainable = trainable_parameters(model)
+    progress = resume_progress(resumed, trainable, optimizer, generator, args.epochs)
+    best, interrupted = progress["best"], False
     t_train = time.perf_counter()
     try:
         for epoch in range(progress["epoch"] + 1, args.epochs + 1):
-            t_epoch, t_interval, interval_losses = time.perf_counter(), time.perf_counter(), []
-            order = torch.randperm(len(train.tokens), generator=generator).tolist()
-            for i in range(0, len(order), args.batch_size):
-                model.train()
-                index = order[i:i + args.batch_size]
-                with autocast(device, dtype):
-                    logits = batch_logits(model, train, index, start, device)
-                loss = F.cross_entropy(logits.float(), train.labels[index].to(device))
-                if not torch.isfinite(loss):
-                    kept = f"{state_path} holds the run after epoch {epoch - 1}" if epoch > 1 else "nothing was saved"
-                    raise UserError(f"the loss became {loss.item()} at epoch {epoch}, step {step + 1}, so training "
-                                    f"stopped; {kept} (try a lower --lr)")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                step += 1
-                losses.append(loss.item())
-                interval_losses.append(losses[-1])
-                if step % args.eval_every == 0 or step == total_steps:
-                    _, val_loss = evaluate(model, splits["val"], start, args.batch_size, device, dtype)
-                    ms = 1000 * (time.perf_counter() - t_interval) / len(interval_losses)
-                    eta = ms / 1000 * (total_steps - step)
-                    mean_loss = sum(interval_losses) / len(interval_losses)
-                    print(f"epoch {epoch}/{args.epochs} step {step:5d}/{total_steps} | loss {mean_loss:.4f} "
-                          f"| val loss {val_loss:.4f} | {ms:6.1f} ms/step | {1000 * args.batch_size / ms:6.1f} msg/s "
-                          f"| eta {clock(eta)}")
-                    t_interval, interval_losses = time.perf_counter(), []
-            train_probs, train_loss = evaluate(model, train, start, args.batch_size, device, dtype)
-            val_probs, val_loss = evaluate(model, splits["val"], start, args.batch_size, device, dtype)
-            row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
-                   "train_accuracy": classification_metrics(train_probs, train.labels)["accuracy"],
-                   "val_accuracy": classification_metrics(val_probs, splits["val"].labels)["accuracy"],
-                   "seconds": time.perf_counter() - t_epoch}
-            history.append(row)
-            improved = math.isfinite(val_loss) and \
+            t_epoch = time.perf_counter()
+            order = torch.randperm(len(splits["train"].tokens), generator=generator).tolist()
+            train_epoch(model, splits, start, args, optimizer, order, progress, epoch, total_steps, device, dtype,
+                        state_path)
+            row = epoch_row(model, splits, start, args.batch_size, device, dtype, epoch, t_epoch)
+            progress["history"].append(row)
+            improved = math.isfinite(row["val_loss"]) and \
                 (row["val_accuracy"], -row["val_loss"]) > (best["val_accuracy"], -best["val_loss"])
-            if improved:  # best accuracy; among equal accuracies, lowest loss
+            if improved:
                 best.update(val_accuracy=row["val_accuracy"], val_loss=row["val_loss"], epoch=epoch)
-                best_weights.update({name: p.detach().clone() for name, p in trainable})
+                progress["best_weights"] = best_weights(trainable)
             print(f"epoch {epoch}/{args.epochs} | train acc {row['train_accuracy']:7.2%} "
-                  f"| val acc {row['val_accuracy']:7.2%} | val loss {val_loss:.4f} | {row['seconds']:.1f} s"
+                  f"| val acc {row['val_accuracy']:7.2%} | val loss {row['val_loss']:.4f} | {row['seconds']:.1f} s"
                   + ("  (best so far)" if improved else ""))
-            progress.update(epoch=epoch, step=step)
+            progress["epoch"] = epoch
             save_state(state_path, trainable, optimizer, generator, progress, args)
     except KeyboardInterrupt:  # a half-done step does not matter: the best weights below replace it
         interrupted = True
         print(f"\nCtrl-C: stopped in epoch {progress['epoch'] + 1}; {state_path} holds the run after epoch "
               f"{progress['epoch']}" if progress["epoch"] else "\nCtrl-C: stopped before the first epoch ended")
-    if best_weights:
-        with torch.no_grad():
-            for name, p in trainable:
-                p.copy_(best_weights[name])
-    return {"history": history, "best_epoch": best["epoch"], "losses": losses, "feature_seconds": feature_seconds,
-            "train_seconds": time.perf_counter() - t_train, "interrupted": interrupted,
-            "epochs_done": progress["epoch"]}
+    restore(trainable, progress["best_weights"])
+    return {"history": progress["history"], "best_epoch": best["epoch"], "losses": progress["losses"],
+            "feature_seconds": feature_seconds, "train_seconds": time.perf_counter() - t_train,
+            "interrupted": interrupted, "epochs_done": progress["epoch"]}
 
 
 def message_ids(tokenizer, text: str, block_size: int) -> tuple[torch.Tensor, bool]:
@@ -453,6 +451,15 @@ def prepare_splits(messages: list[tuple[int, str]], tokenizer, block_size: int) 
     return splits, summary
 
 
+def check_existing_run(checkpoint: Path, state_path: Path) -> None:
+    """Refuse to start over an unfinished run (its state is there) or a finished one (its classifier)."""
+    if state_path.exists():
+        raise UserError(f"{state_path} already exists; add --resume to continue that run, --force to replace it, "
+                        f"or choose another --out-dir")
+    if checkpoint.exists():
+        raise UserError(f"{checkpoint} already exists; add --force to replace it, or choose another --out-dir")
+
+
 def train_main(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     device, dtype = device_and_dtype(args.device, args.dtype)
@@ -462,24 +469,16 @@ def train_main(args: argparse.Namespace) -> dict:
     state_path = out_dir / STATE_FILE
     with RunLock(out_dir):
         if not args.force and not args.resume:
-            for existing in (checkpoint, state_path):
-                if existing.exists():
-                    raise UserError(f"{existing} already exists; add --resume to continue that run, --force to "
-                                    f"replace it, or choose another --out-dir")
-        resumed = load_state(state_path, args) if args.resume else None
+            check_existing_run(checkpoint, state_path)
+        resumed = load_state(state_path, args, RESUME_MUST_MATCH) if args.resume else None
         data_path = Path(args.data) if args.data else default_data()
         messages = load_messages(data_path)
 
-        torch.manual_seed(args.seed)  # random init, the new head, LoRA
-        try:
-            model, extra = load_model(args.init, preset=args.preset, device=device)
-        except DownloadError as e:
-            raise DownloadError(f"{e}; or train without downloading: --init random --preset mini --trainable all "
-                            f"--lr 3e-4 (a small model from scratch), or --init PATH to a local checkpoint or "
-                            f"model.safetensors") from None
+        model, card = model_to_finetune(args.init, args.preset, args.seed, device,
+                                        "--init random --preset mini --trainable all --lr 3e-4")
         start = make_classifier(model, args.trainable, args.lora_rank, args.lora_alpha)
         model.to(device)
-        splits, data = prepare_splits(messages, tokenizer_for(extra), model.config.block_size)
+        splits, data = prepare_splits(messages, tokenizer_for(card), model.config.block_size)
         print(f"data: {data['messages']} messages ({data['spam']} spam) from {data_path}; balanced and split into "
               f"train {data['train']}, val {data['val']}, test {data['test']}; "
               f"{data['mean_tokens']:.1f} tokens on average, longest {data['max_tokens']}"
@@ -491,7 +490,7 @@ def train_main(args: argparse.Namespace) -> dict:
 
         # Caching needs a frozen bottom (start > 0) that gives the same output every epoch (no dropout).
         cache = start > 0 and model.config.dropout == 0
-        result = fit(model, splits, start, args, device, dtype, cache, state_path, resumed)
+        result = train(model, splits, start, args, device, dtype, cache, state_path, resumed)
         metrics = {"data": data, "init": args.init, "preset": args.preset, "trainable": args.trainable,
                    "trainable_params": n_trainable, "cached_features": cache, **result,
                    "checkpoint": str(checkpoint)}
@@ -499,15 +498,17 @@ def train_main(args: argparse.Namespace) -> dict:
             return metrics
         merge_lora(model)  # a no-op unless --trainable lora; the test score is then the merged model's, as saved
         if not result["interrupted"]:
-            probs, _ = evaluate(model, splits["test"], start, args.batch_size, device, dtype)
+            probs, _ = evaluate_classifier(model, splits["test"], start, args.batch_size, device, dtype)
             metrics["test"] = classification_metrics(probs, splits["test"].labels)
             print(f"test ({data['test']} messages, weights of epoch {result['best_epoch']}):\n"
                   f"{format_metrics(metrics['test'])}")
         metrics["seconds"] = time.perf_counter() - t0
         save_checkpoint(checkpoint, model, labels=list(LABELS), test=metrics.get("test"), init=args.init,
-                        trainable=args.trainable, **model_card(extra))
+                        trainable=args.trainable, **model_card(card))
         atomic_write(out_dir / "metrics.json", json.dumps({k: v for k, v in metrics.items() if k != "losses"},
                                                           indent=2))
+        if not result["interrupted"]:
+            state_path.unlink(missing_ok=True)  # the classifier holds what a finished run made: no state to keep
     what = "the best weights so far" if result["interrupted"] else "the classifier"
     print(f"saved {what} to {checkpoint} and the metrics to {out_dir / 'metrics.json'} "
           f"({metrics['seconds']:.0f} s in all)" + ("; continue with the same command plus --resume"
@@ -520,32 +521,23 @@ def train_main(args: argparse.Namespace) -> dict:
 
 def predict_main(args: argparse.Namespace) -> dict:
     """Print `spam|ham  probability  text` for each --predict text (`-` reads one text per line of stdin)."""
-    texts = []
-    for text in args.predict:
-        if text == "-":
-            texts += [line.rstrip("\r\n") for line in sys.stdin if line.strip()]  # blank lines are not messages
-        elif not text.strip():
-            raise UserError("--predict got an empty text; there is nothing to classify")
-        else:
-            texts.append(text)
-    if not texts:
-        raise UserError("stdin held no text to classify (--predict - reads one text per line)")
+    texts = read_inputs(args.predict, "--predict", "text", "classify")
     device, dtype = device_and_dtype(args.device, args.dtype)
     path = Path(args.checkpoint) if args.checkpoint else Path(args.out_dir) / "classifier.pt"
     if not path.is_file():
         raise UserError(f"{path} does not exist; train a classifier first with python finetune_spam.py "
                         f"(or name it with --checkpoint)")
-    model, extra = load_model(str(path), device=device)
+    model, card = load_model(str(path), device=device)
     if model.config.num_classes != len(LABELS):
         raise UserError(f"{path} is not a spam classifier; train one with python finetune_spam.py")
-    tokenizer, tokens = tokenizer_for(extra), []
+    tokenizer, tokens = tokenizer_for(card), []
     for text in texts:
         ids, truncated = message_ids(tokenizer, text, model.config.block_size)
         if truncated:
             print(f"note: a text is longer than the model's context of {model.config.block_size} tokens; "
                   f"classifying its last tokens", file=sys.stderr)
         tokens.append(ids)
-    probs, _ = evaluate(model, Split(tokens, torch.zeros(len(tokens), dtype=torch.long)), 0, args.batch_size,
+    probs, _ = evaluate_classifier(model, Split(tokens, torch.zeros(len(tokens), dtype=torch.long)), 0, args.batch_size,
                         device, dtype)
     if not torch.isfinite(probs).all():
         raise UserError(f"{path} gives no valid probabilities (its weights are not finite); train it again")
@@ -577,18 +569,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=non_negative_float, default=0.1, help="AdamW weight decay (matrices only)")
     p.add_argument("--eval-every", type=positive_int, default=50,
                    help="steps between progress lines (with validation loss)")
-    p.add_argument("--seed", type=int, default=123, help="seed of the initialisation and the batch order "
+    p.add_argument("--seed", type=int, default=SEED, help="seed of the initialisation and the batch order "
                                                          "(the data split is fixed)")
     add_device_args(p, ("auto", "float32", "bfloat16"), "autocast precision")
     p.add_argument("--out-dir", default="out/spam",
-                   help="run folder: metrics.json, state.pt (after each epoch, for --resume) and, by default, "
-                        "the classifier")
+                   help="run folder: metrics.json, state.pt (an unfinished run's state after each epoch, for "
+                        "--resume; removed when the run finishes) and, by default, the classifier")
     p.add_argument("--checkpoint", default=None,
                    help="classifier file written by training and read by --predict; when not given, "
                         "OUT_DIR/classifier.pt")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
-                   help="continue the run in OUT_DIR after its last finished epoch: repeat its command and add "
-                        "--resume (--epochs may grow)")
+                   help="continue the unfinished run in OUT_DIR after its last finished epoch: repeat its command "
+                        "and add --resume (--epochs may grow)")
     p.add_argument("--force", action=argparse.BooleanOptionalAction, default=False,
                    help="start a new run even if OUT_DIR already holds a classifier or an unfinished run, "
                         "replacing them")

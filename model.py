@@ -30,6 +30,7 @@ import torch.nn.functional as F
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rotary")
 MLPS = ("gelu_tanh", "gelu", "swiglu")
+IGNORE = -100  # a target that cross_entropy skips: padding, a prompt not learned, a position not scored
 
 
 @dataclass
@@ -560,7 +561,7 @@ class GPT(nn.Module):
         the sliding window, if the model has one).
         last_only: compute the head for the last position only, (B, 1, V): generation needs no more,
         and the (B, T, V) head is the most expensive matmul of a small model.
-        Targets of -100 are ignored.
+        Targets of IGNORE are skipped.
         """
         x = self.hidden(idx, attention_mask=attention_mask, positions=positions,
                         kv_cache=kv_cache, cache_positions=cache_positions)
@@ -569,7 +570,7 @@ class GPT(nn.Module):
         logits = self.lm_head(x)  # (B, T, V)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE)
         return logits, loss
 
     def num_params(self, non_embedding: bool = False) -> int:

@@ -53,9 +53,9 @@ TEMPLATES = {
 FAMILY_TEMPLATES = {"mistral": "mistral", "phi3": "phi3"}  # model_type -> its own; any other: alpaca
 
 
-def default_template(extra: dict) -> str:
+def default_template(card: dict) -> str:
     """The template a model was finetuned with (our checkpoints record it), else its family's own."""
-    return extra.get("template") or FAMILY_TEMPLATES.get(extra["model_type"], "alpaca")
+    return card.get("template") or FAMILY_TEMPLATES.get(card["model_type"], "alpaca")
 
 
 def encode_template_text(tokenizer, text: str, template: Template) -> list[int]:

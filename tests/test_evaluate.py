@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import evaluate as ev
 from conftest import REPO
 
+from benchmarks import load_records
 from common import UserError, run_stage
 from model import GPT, get_config, save_checkpoint
 from templates import TEMPLATES, prompt_ids
@@ -62,10 +63,10 @@ def run_cli(*argv: str) -> dict:
 def test_records_carry_the_line_they_start_on(tmp_path):
     listed = tmp_path / "list.json"
     listed.write_text('[\n  {"a": 1},\n\n  {\n    "b": "x\\ny"\n  },{"c": 3}\n]\n')
-    assert [line for line, _ in ev.read_records(listed)] == [2, 4, 6]
+    assert [line for line, _ in load_records(listed)] == [2, 4, 6]
     lines = tmp_path / "lines.jsonl"
     lines.write_text('{"a": 1}\n\n{"b": 2}\n')
-    assert ev.read_records(lines) == [(1, {"a": 1}), (3, {"b": 2})]
+    assert load_records(lines) == [(1, {"a": 1}), (3, {"b": 2})]
 
 
 @pytest.mark.parametrize("content, message", [
@@ -223,12 +224,22 @@ def test_a_long_context_keeps_its_bos_and_its_last_tokens():
         ev.make_request(CharTokenizer(), item, [], block_size=2)
 
 
+@torch.inference_mode()
+def loglikelihood(model: GPT, context: list[int], continuation: list[int]) -> float:
+    """log p(continuation | context), summed over the continuation's tokens: the definition, with one
+    forward pass of context + continuation, that the batched scores are checked against."""
+    ids = torch.tensor([[*context, *continuation[:-1]]])
+    logits, _ = model(ids)  # (1, T, V)
+    logprobs = logits[0, len(context) - 1:].float().log_softmax(-1)  # (L, V): the rows predicting the continuation
+    return logprobs.gather(-1, torch.tensor(continuation)[:, None]).sum().item()
+
+
 def test_choice_scores_equal_log_softmax_sums_written_out(tiny):
     context, continuation = [464, 3290, 318], [257, 1049, 13]
     logits, _ = tiny(torch.tensor([context + continuation]))
     logprobs = F.log_softmax(logits[0].double(), dim=-1)
     by_hand = logprobs[2, 257] + logprobs[3, 1049] + logprobs[4, 13]  # row i predicts token i + 1
-    assert ev.loglikelihood(tiny, context, continuation) == pytest.approx(by_hand.item(), abs=1e-4)
+    assert loglikelihood(tiny, context, continuation) == pytest.approx(by_hand.item(), abs=1e-4)
     (scores,) = ev.score_batch(tiny, [context], [[continuation, [257]]], CPU)
     assert scores == pytest.approx([by_hand.item(), logprobs[2, 257].item()], abs=1e-4)
 
@@ -244,7 +255,7 @@ def test_context_once_equals_each_choice_alone(preset):
     contexts = [rand(n) for n in (3, 40, 9, 90 if preset == "mistral-tiny" else 50)]
     continuations = [[rand(1), rand(4)], [rand(2), rand(1), rand(6)], [rand(1), rand(1)], [rand(3), rand(5)]]
     batched = ev.score_batch(model, contexts, continuations, CPU)
-    alone = [[ev.loglikelihood(model, c, k) for k in ks] for c, ks in zip(contexts, continuations)]
+    alone = [[loglikelihood(model, c, k) for k in ks] for c, ks in zip(contexts, continuations)]
     for got, want in zip(batched, alone):
         assert got == pytest.approx(want, abs=1e-4)
 
@@ -253,7 +264,7 @@ def test_batches_of_questions_fill_but_never_overflow_the_context(tiny):
     requests = [ev.Request([7] * n, [[1, 2, 3], [4]], False) for n in (60, 2, 30, 61, 5)]
     scores = ev.score_requests(tiny, requests, 3, CPU)
     for request, got in zip(requests, scores):
-        assert got == pytest.approx([ev.loglikelihood(tiny, request.context, k) for k in request.continuations], abs=1e-4)
+        assert got == pytest.approx([loglikelihood(tiny, request.context, k) for k in request.continuations], abs=1e-4)
 
 
 def test_accuracy_norm_divides_by_the_characters_of_each_choice():
@@ -310,7 +321,7 @@ def test_choice_command_scores_every_choice_as_the_definition(tmp_path, tiny, to
     for entry, item in zip(result["items"], items):
         text = ev.context_text(item, shot_items)
         assert text.startswith("Question 0: which colour is the sky on day 0? blue\n\nQuestion 1:")
-        want = [ev.loglikelihood(tiny, *ev.encode_pair(tok, text, " " + c)) for c in item.options]
+        want = [loglikelihood(tiny, *ev.encode_pair(tok, text, " " + c)) for c in item.options]
         assert entry["scores"] == pytest.approx(want, abs=1e-4)
         assert entry["prediction"] == max(range(3), key=lambda k: want[k])
     assert result["accuracy"] == sum(e["prediction"] == e["answer"] for e in result["items"]) / 6
@@ -332,7 +343,7 @@ def test_exclude_scores_the_clean_items_alone(tmp_path):
 def test_shuffled_choices_of_a_listed_layout_change_the_prompt_and_are_mapped_back(tmp_path):
     data = tmp_path / "astronomy_test.csv"
     data.write_text("".join(f"Which planet is number {i}?,Mercury,Venus,Earth,Mars,{'ABCD'[i % 4]}\n" for i in range(5)))
-    result = run_cli("memorization", "--shuffle-choices", "--init", "random", "--preset", "tiny", "--data", data)
+    result = run_cli("choice", "--shuffle-choices", "--init", "random", "--preset", "tiny", "--data", data)
     assert {"accuracy", "accuracy_shuffled", "same_prediction"} <= set(result)
     for entry in result["items"]:
         assert sorted(entry["order"]) == [0, 1, 2, 3] and entry["order"] != [0, 1, 2, 3]
@@ -518,6 +529,17 @@ def test_answers_give_rouge_l_and_exact_match(tmp_path):
     assert result["rouge_l"] == pytest.approx(2 / 3) and result["exact_match"] == pytest.approx(2 / 3)
     assert result["judge_mean"] is None and result["judge_unparsed"] is None
     assert json.loads((tmp_path / "a.json").read_text())["rouge_l"] == result["rouge_l"]
+
+
+def test_answers_say_how_many_are_empty_or_repeat_one_word(tmp_path, capsys):
+    entries = [{"instruction": "i", "output": "Blue", "model_response": r} for r in ("", " \n", "the the the", "!!!!",
+                                                                                   "Blue")]
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps(entries))
+    result = run_cli("answers", path)
+    assert (result["empty_answers"], result["repeating_answers"]) == (2, 2)
+    assert "note: 2 of 5 answers are empty and 2 of 5 repeat one word; they score 0" in capsys.readouterr().out
+    assert "note:" not in (run_cli("answers", answers_file(tmp_path)) and capsys.readouterr().out)
 
 
 def test_the_judge_prompt_is_the_books(tmp_path):

@@ -11,14 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
-import data
 import finetune_instruct as fi
+
+import data
 import generate
 import templates
-from common import RunLock, UserError, run_stage
-from download import DownloadError
-from load_gpt2 import load_model, tokenizer_for
-from model import load_checkpoint
+import training
+from common import RunLock, SEED, UserError, run_stage
+from download import DownloadError, cache_dir
+from load_gpt2 import load_model, model_card, tokenizer_for
+from model import load_checkpoint, save_checkpoint
 from tokenizer import get_tokenizer
 
 
@@ -75,11 +77,11 @@ def test_jsonl_reads_like_json_and_a_missing_input_is_empty(tmp_path):
 
 BAD_DATA = [  # (file content, what the one sentence must say)
     ('[{"instruction": "a", "input": "", "output": "b"},', "is not valid JSON"),
-    ('{"instruction": "a", "input": "", "output": "b"}\nnot json\n', "line 2 is not a JSON object"),
-    ('[["a", "", "b"]]', "entry 0 is a JSON list, not an object"),
-    ('[{"instruction": "a", "input": ""}]', "entry 0 has no 'output'"),
-    ('[{"instruction": 7, "input": "", "output": "b"}]', "entry 0 has a int as its 'instruction'"),
-    ('[{"instruction": "a", "input": "", "output": " "}]', "entry 0 has an empty 'output'"),
+    ('{"instruction": "a", "input": "", "output": "b"}\nnot json\n', "line 2 is not valid JSON"),
+    ('[["a", "", "b"]]', "line 1 holds a JSON list, not an object"),
+    ('[{"instruction": "a", "input": ""}]', r"entry 0 \(line 1\) has no 'output'"),
+    ('[{"instruction": 7, "input": "", "output": "b"}]', r"entry 0 \(line 1\) has a int as its 'instruction'"),
+    ('[{"instruction": "a", "input": "", "output": " "}]', r"entry 0 \(line 1\) has an empty 'output'"),
     ('{"instruction": "a", "output": "b"}\n{"instruction": "a", "input": 3, "output": "b"}',
      r"entry 1 \(line 2\) has a int as its 'input'"),
     ('[' + ", ".join(['{"instruction": "a", "input": "", "output": "b"}'] * 9) + ']', "holds 9 entries"),
@@ -208,7 +210,7 @@ def test_an_answer_stops_at_the_templates_next_header(tiny_model, monkeypatch):
 def test_a_tiny_model_learns_the_examples_until_its_answers_reproduce_them(tmp_path, data_file):
     # full-batch steps (17 training entries), only the responses in the loss: 80 steps learn them by heart
     args = tiny_args(tmp_path, data_file, "--epochs", "80", "--batch-size", "17", "--lr", "1e-2",
-                     "--weight-decay", "0", "--mask-prompt", "--eval-every", "20")
+                     "--weight-decay", "0", "--mask-prompt", "--eval-every", "20", "--seed", "123")
     metrics = fi.main(args)
     responses = json.loads((tmp_path / "out" / fi.RESPONSES_FILE).read_text())
     assert [r["model_response"] for r in responses] == [r["output"] for r in responses] == ["5", "Hello there!"]
@@ -217,6 +219,7 @@ def test_a_tiny_model_learns_the_examples_until_its_answers_reproduce_them(tmp_p
     assert saved["train_seconds"] > 0 and saved["answers_seconds"] > 0 and saved["settings"]["lr"] == 1e-2
     assert metrics["best_val_loss"] == min(r["val_loss"] for r in metrics["val_losses"][1:]) < 0.1
     assert len(metrics["train_losses"]) == 80 and not metrics["interrupted"]
+    assert (metrics["empty_answers"], metrics["repeating_answers"]) == (0, 0)
     model, extra = load_checkpoint(tmp_path / "out" / fi.MODEL_FILE)
     assert extra["template"] == "alpaca" and extra["model_type"] == "gpt2" and extra["step"] == metrics["best_step"]
 
@@ -244,7 +247,7 @@ def test_a_lora_run_saves_a_merged_model_whose_logits_equal_the_unmerged_ones(tm
             real_merge(model)
             seen["merged"] = model(probe)[0]
     monkeypatch.setattr(fi, "merge_lora", merge_and_compare)
-    torch.manual_seed(123)
+    torch.manual_seed(SEED)  # the run's default --seed
     start, _ = load_model("random", preset="tiny")  # the run's initial weights: same seed, same init
     metrics = fi.main(tiny_args(tmp_path, data_file, "--trainable", "lora", "--lora-rank", "4", "--lr", "1e-2"))
     assert 0 < metrics["model"]["trainable_params"] < 0.01 * metrics["model"]["params"]  # the adapters only
@@ -274,6 +277,25 @@ def test_epochs_0_answers_with_the_starting_model_and_saves_no_model(tmp_path, d
         [fi.METRICS_FILE, fi.RESPONSES_FILE]
 
 
+def test_empty_answers_are_counted_and_said_with_settings_that_work(tmp_path, data_file, monkeypatch, capsys):
+    monkeypatch.setattr(fi, "answer", lambda model, prompts, *a, **k: [""] * (len(prompts) - 1) + ["ok"])
+    metrics = fi.main(tiny_args(tmp_path, data_file, "--epochs", "0"))
+    assert (metrics["empty_answers"], metrics["repeating_answers"]) == (1, 0)
+    assert json.loads((tmp_path / "out" / fi.METRICS_FILE).read_text())["empty_answers"] == 1
+    assert "note: 1 of 2 answers are empty; the model has not learned to answer yet" in capsys.readouterr().err
+    assert data.degenerate_answers(["", "a a a", "aaaa", "a b a", "ab", "a a"]) == {"empty": 1, "repeating": 2}
+
+
+def test_ask_says_when_an_answer_is_empty(tmp_path, monkeypatch, capsys):
+    model, card = load_model("random", preset="tiny")
+    save_checkpoint(tmp_path / "model.pt", model, **model_card(card))
+    monkeypatch.setattr(fi, "answer", lambda *a, **k: [""])
+    result = fi.main(fi.parse_args(["--checkpoint", str(tmp_path / "model.pt"), "--ask", "Name a colour."]))
+    assert result["answers"][0]["model_response"] == ""
+    out, err = capsys.readouterr()
+    assert "(an empty answer)" in out and "note: 1 of 1 answers are empty; the model has not learned" in err
+
+
 # ---------------------------------------------------------------------------------------------------
 # Runs that are interrupted, go wrong, or meet an earlier run
 
@@ -298,6 +320,31 @@ def test_ctrl_c_saves_the_best_weights_so_far_and_exits_130(tmp_path, data_file,
     assert metrics["interrupted"] and metrics["best_step"] == 2 and not (out / fi.RESPONSES_FILE).exists()
     _, extra = load_checkpoint(out / fi.MODEL_FILE)
     assert extra["step"] == 2
+
+
+def test_resume_after_ctrl_c_finishes_like_an_uninterrupted_run(tmp_path, data_file, monkeypatch):
+    whole = fi.main(tiny_args(tmp_path / "whole", data_file, "--max-new-tokens", "2"))
+    assert not (tmp_path / "whole" / "out" / fi.STATE_FILE).exists()  # finished: no state kept
+    real, calls = fi.evaluate_loss, []
+    def interrupt_in_epoch_2(*args, **kwargs):
+        calls.append(1)  # 3 steps an epoch: before finetuning, steps 2, 4, then Ctrl-C in the one of step 6
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    monkeypatch.setattr(fi, "evaluate_loss", interrupt_in_epoch_2)
+    stopped = fi.main(tiny_args(tmp_path / "run", data_file, "--max-new-tokens", "2"))
+    monkeypatch.setattr(fi, "evaluate_loss", real)
+    assert stopped["interrupted"] and stopped["epochs_done"] == 1
+    with pytest.raises(UserError, match="holds an unfinished run"):
+        fi.main(tiny_args(tmp_path / "run", data_file, "--max-new-tokens", "2"))
+    with pytest.raises(UserError, match=r"--lr 5e-05 \(now 0.002\)"):
+        fi.main(tiny_args(tmp_path / "run", data_file, "--max-new-tokens", "2", "--resume", "--lr", "2e-3"))
+    resumed = fi.main(tiny_args(tmp_path / "run", data_file, "--max-new-tokens", "2", "--resume"))
+    assert resumed["train_losses"] == pytest.approx(whole["train_losses"], rel=1e-5)
+    assert resumed["best_step"] == whole["best_step"] and not resumed["interrupted"]
+    assert not (tmp_path / "run" / "out" / fi.STATE_FILE).exists()
+    assert (tmp_path / "run" / "out" / fi.RESPONSES_FILE).read_text() == \
+        (tmp_path / "whole" / "out" / fi.RESPONSES_FILE).read_text()
 
 
 def test_ctrl_c_while_answering_keeps_the_model_and_writes_no_answers(tmp_path, data_file, monkeypatch):
@@ -326,7 +373,7 @@ def test_a_loss_that_is_not_finite_stops_the_run_and_saves_nothing(tmp_path, dat
     monkeypatch.setattr(fi, "target_loss", poisoned)
     with pytest.raises(UserError, match="the loss became nan at step"):
         fi.main(tiny_args(tmp_path, data_file, "--epochs", "3"))
-    assert files_in(tmp_path / "out") == {}
+    assert not (tmp_path / "out").exists()  # nothing saved, and no empty run folder left behind
 
 
 def test_an_existing_run_is_kept_unless_force(tmp_path, data_file):
@@ -342,7 +389,7 @@ def test_an_existing_run_is_kept_unless_force(tmp_path, data_file):
 
 def test_an_unwritable_or_locked_out_dir_stops_before_any_work(tmp_path, data_file, monkeypatch):
     (tmp_path / "file").write_text("not a folder")
-    monkeypatch.setattr(fi, "load_model", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr(training, "load_model", lambda *a, **k: pytest.fail("work started"))
     with pytest.raises(UserError, match="is not a writable folder"):
         fi.main(fi.parse_args(["--init", "random", "--preset", "tiny", "--data", str(data_file),
                                "--out-dir", str(tmp_path / "file" / "sub")]))
@@ -352,12 +399,28 @@ def test_an_unwritable_or_locked_out_dir_stops_before_any_work(tmp_path, data_fi
             fi.main(tiny_args(tmp_path, data_file))
 
 
+def test_a_failed_run_leaves_no_empty_output_folder(tmp_path, data_file):
+    out = tmp_path / "new" / "run"
+    with pytest.raises(UserError, match="does not exist"):
+        fi.main(fi.parse_args(["--init", "random", "--preset", "tiny", "--data", str(tmp_path / "none.json"),
+                               "--out-dir", str(out)]))
+    assert not out.exists()
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")  # a folder that holds something is left as it is
+    with pytest.raises(UserError, match="does not exist"):
+        fi.main(fi.parse_args(["--init", "random", "--preset", "tiny", "--data", str(tmp_path / "none.json"),
+                               "--out-dir", str(out)]))
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
 def test_no_network_ends_with_a_sentence_offering_a_random_model(tmp_path, data_file, monkeypatch):
     def offline(*args, **kwargs):
         raise DownloadError("could not download https://huggingface.co/... (no connection to the server)")
-    monkeypatch.setattr(fi, "load_model", offline)
-    with pytest.raises(UserError, match="--init random --preset mini"):
+    monkeypatch.setattr(training, "load_model", offline)
+    with pytest.raises(UserError, match="--init random --preset mini --lr 3e-4") as caught:
         fi.main(fi.parse_args(["--data", str(data_file), "--out-dir", str(tmp_path)]))
+    folder = cache_dir() / "hf" / "openai-community" / "gpt2-medium"  # the default --init's place in the cache
+    assert f"config.json and model.safetensors in {folder}" in str(caught.value)
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -4,9 +4,10 @@ Everything runs on the "tiny" preset with random weights and a small synthetic d
 file's format, offline (conftest.py seeds the download cache with the real SMSSpamCollection)."""
 import copy
 import os
+import re
 import signal
-import threading
 import subprocess
+import threading
 import sys
 import zipfile
 from pathlib import Path
@@ -15,12 +16,13 @@ import pytest
 import torch
 
 import finetune_spam as fs
-
+import training
 from common import UserError
 from download import DownloadError
 from load_gpt2 import load_model
 from model import LoRALinear, load_checkpoint
 from tokenizer import get_tokenizer
+
 
 
 REPO = Path(__file__).resolve().parent.parent
@@ -102,6 +104,22 @@ def test_good_zip_reads_and_default_data_extracts_from_cached_zip(tmp_path, data
     assert (cache / fs.SMS_RELPATH).read_bytes() == real
 
 
+def test_offline_names_the_readme_path_and_why_a_placed_file_was_rejected(tmp_path, monkeypatch, capsys):
+    def offline(relpath):
+        raise DownloadError(f"could not download {relpath} (no connection to the server)")
+    monkeypatch.setattr(fs, "fetch", offline)
+    monkeypatch.setenv("LLM_CACHE_DIR", str(tmp_path))
+    readme_path = tmp_path / "sms_spam" / "SMSSpamCollection"  # the path the README's table names
+    with pytest.raises(DownloadError, match=re.escape(f"save the unzipped SMSSpamCollection as {readme_path}, or")):
+        fs.default_data()
+    placed = tmp_path / fs.SMS_RELPATH
+    placed.parent.mkdir(parents=True)
+    placed.write_text("ham\tnot the UCI file\n")
+    with pytest.raises(DownloadError, match=r"the file there now is not it: its sha256 is [0-9a-f]{64}, not the UCI"):
+        fs.default_data()
+    assert "is not the UCI SMS Spam Collection (its sha256 is" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------------
 # The forward pass
 
@@ -159,7 +177,7 @@ def test_cached_features_train_exactly_like_recomputing(tmp_path, data_file):
     runs = []
     for cache in (True, False):
         fresh = {k: fs.Split(s.tokens, s.labels) for k, s in splits.items()}
-        runs.append(fs.fit(copy.deepcopy(model), fresh, start, args, torch.device("cpu"), torch.float32, cache,
+        runs.append(fs.train(copy.deepcopy(model), fresh, start, args, torch.device("cpu"), torch.float32, cache,
                            tmp_path / f"state-{cache}.pt"))
     assert start == 1 and len(runs[0]["losses"]) == 2 * 7  # 56 training messages, 8 per batch
     torch.testing.assert_close(runs[0]["losses"], runs[1]["losses"], rtol=1e-4, atol=1e-6)
@@ -180,14 +198,14 @@ def test_lora_checkpoint_is_a_plain_gpt_with_the_reported_score(tmp_path, data_f
     metrics = fs.main(tiny_args(tmp_path, data_file, "--trainable", "lora", "--epochs", "2", "--lora-alpha", "64"))
     model, _ = load_checkpoint(tmp_path / "out" / "classifier.pt")  # loads only with GPT's own keys
     splits, _ = fs.prepare_splits(fs.load_messages(data_file), get_tokenizer(), 64)
-    probs, _ = fs.evaluate(model, splits["test"], 0, 8, torch.device("cpu"), torch.float32)
+    probs, _ = fs.evaluate_classifier(model, splits["test"], 0, 8, torch.device("cpu"), torch.float32)
     assert fs.classification_metrics(probs, splits["test"].labels) == metrics["test"]
 
 
 def test_no_network_ends_with_a_sentence_offering_random_or_a_file(tmp_path, data_file, monkeypatch):
     def offline(*args, **kwargs):
         raise DownloadError("could not download https://huggingface.co/... (no connection to the server)")
-    monkeypatch.setattr(fs, "load_model", offline)
+    monkeypatch.setattr(training, "load_model", offline)
     with pytest.raises(UserError, match="--init random"):
         fs.main(fs.parse_args(["--data", str(data_file), "--out-dir", str(tmp_path)]))
 
@@ -225,7 +243,7 @@ def files_in(folder: Path) -> dict[str, bytes]:
 def test_ctrl_c_keeps_the_best_epoch_and_resume_finishes_like_an_uninterrupted_run(tmp_path, data_file, monkeypatch):
     whole = fs.main(tiny_args(tmp_path / "whole", data_file))
 
-    real_evaluate, calls = fs.evaluate, []
+    real_evaluate, calls = fs.evaluate_classifier, []
     def interrupt_in_epoch_2(*args, **kwargs):
         # 7 steps an epoch and a progress line every 10: epoch 1 evaluates train and val (calls 1-2),
         # epoch 2 evaluates at step 10 (3), then train (4) and val (5): Ctrl-C there, before its state is saved
@@ -233,9 +251,9 @@ def test_ctrl_c_keeps_the_best_epoch_and_resume_finishes_like_an_uninterrupted_r
         if len(calls) == 5:
             raise KeyboardInterrupt
         return real_evaluate(*args, **kwargs)
-    monkeypatch.setattr(fs, "evaluate", interrupt_in_epoch_2)
+    monkeypatch.setattr(fs, "evaluate_classifier", interrupt_in_epoch_2)
     stopped = fs.main(tiny_args(tmp_path / "run", data_file))
-    monkeypatch.setattr(fs, "evaluate", real_evaluate)
+    monkeypatch.setattr(fs, "evaluate_classifier", real_evaluate)
     assert stopped["interrupted"] and stopped["epochs_done"] == 1
     model, extra = load_checkpoint(tmp_path / "run" / "out" / "classifier.pt")  # the best (only) epoch's weights
     assert extra["test"] is None and model.config.num_classes == 2
@@ -248,12 +266,23 @@ def test_ctrl_c_keeps_the_best_epoch_and_resume_finishes_like_an_uninterrupted_r
     assert resumed["test"] == whole["test"]
 
 
-def test_resume_refuses_changed_flags(tmp_path, data_file):
-    fs.main(tiny_args(tmp_path, data_file, "--epochs", "1"))
+def test_resume_refuses_changed_flags(tmp_path, data_file, monkeypatch):
+    real, calls = fs.evaluate_classifier, []
+    def interrupt_in_epoch_2(*args, **kwargs):  # as above: the 5th evaluation is in epoch 2
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    monkeypatch.setattr(fs, "evaluate_classifier", interrupt_in_epoch_2)
+    assert fs.main(tiny_args(tmp_path, data_file, "--epochs", "2"))["epochs_done"] == 1
+    monkeypatch.setattr(fs, "evaluate_classifier", real)
     with pytest.raises(UserError, match=r"--lr 0.001 \(now 0.002\)"):
         fs.main(tiny_args(tmp_path, data_file, "--epochs", "2", "--resume", "--lr", "2e-3"))
-    more = fs.main(tiny_args(tmp_path, data_file, "--epochs", "2", "--resume"))  # more epochs is fine
-    assert [row["epoch"] for row in more["history"]] == [1, 2]
+    more = fs.main(tiny_args(tmp_path, data_file, "--epochs", "3", "--resume"))  # more epochs is fine
+    assert [row["epoch"] for row in more["history"]] == [1, 2, 3]
+    assert not (tmp_path / "out" / fs.STATE_FILE).exists()  # finished: nothing left to resume
+    with pytest.raises(UserError, match="does not exist \\(a finished run keeps no state\\)"):
+        fs.main(tiny_args(tmp_path, data_file, "--epochs", "4", "--resume"))
 
 
 def test_a_loss_that_is_not_finite_stops_the_run_and_saves_nothing_broken(tmp_path, data_file, monkeypatch):
@@ -272,6 +301,7 @@ def test_a_loss_that_is_not_finite_stops_the_run_and_saves_nothing_broken(tmp_pa
 def test_an_existing_classifier_is_kept_unless_force(tmp_path, data_file):
     fs.main(tiny_args(tmp_path, data_file, "--epochs", "1"))
     before = files_in(tmp_path / "out")
+    assert set(before) == {"classifier.pt", "metrics.json"}  # a finished run keeps no state.pt
     with pytest.raises(UserError, match="already exists"):
         fs.main(tiny_args(tmp_path, data_file, "--epochs", "1"))
     assert files_in(tmp_path / "out") == before
@@ -281,7 +311,7 @@ def test_an_existing_classifier_is_kept_unless_force(tmp_path, data_file):
 
 def test_an_unwritable_out_dir_is_found_before_training(tmp_path, data_file, monkeypatch):
     (tmp_path / "file").write_text("not a folder")
-    monkeypatch.setattr(fs, "load_model", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr(training, "load_model", lambda *a, **k: pytest.fail("work started"))
     with pytest.raises(UserError, match="is not a writable folder"):
         fs.main(fs.parse_args(["--init", "random", "--preset", "tiny", "--data", str(data_file),
                                "--out-dir", str(tmp_path / "file" / "sub")]))

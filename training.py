@@ -1,0 +1,109 @@
+"""What the finetunes' training loops share: the model they start from, the weights that
+train, a loss that must stay finite, the best weights kept aside and put back at the end, the state
+--resume continues from, and the texts a script takes from its flags or from stdin.
+
+    from training import best_weights, check_finite, model_to_finetune, restore, trainable_parameters
+    model, card = model_to_finetune("gpt2", None, 123, device, "--init random --preset mini --lr 3e-4")
+    trainable = trainable_parameters(model)
+    check_finite(loss, f"step {step}", "nothing was saved")  # UserError if the loss is nan or inf
+    best = best_weights(trainable)  # after a validation that improved
+    restore(trainable, best)  # the model ends with the best weights seen
+"""
+import argparse
+import io
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from common import UserError, atomic_write, refuse_changed_flags
+from download import DownloadError, cache_dir
+from load_gpt2 import GPT2_REPOS, load_model
+
+
+
+def model_to_finetune(init: str, preset: str | None, seed: int, device: torch.device,
+                   offline: str) -> tuple[nn.Module, dict]:
+    """The --init model and its card, after seeding torch (a random init, a new head and LoRA's matrices
+    draw from it). A download that fails says where the files go in the cache, and how to run without
+    them: `offline`, the flags of a small model from scratch, or a local file."""
+    torch.manual_seed(seed)
+    try:
+        return load_model(init, preset=preset, device=device)
+    except DownloadError as e:
+        repo = GPT2_REPOS.get(init)
+        place = (f"; or put {repo}'s config.json and model.safetensors in {cache_dir() / 'hf' / repo}"
+                 if repo else "")
+        raise DownloadError(f"{e}{place}; or run without downloading weights: {offline} (a small model from "
+                            f"scratch), or --init PATH to a local checkpoint or model.safetensors") from None
+
+
+def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) of every weight the optimizer updates: what a run keeps, saves and restores."""
+    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+
+def check_finite(loss: torch.Tensor, where: str, kept: str) -> None:
+    """Stop the run with one sentence when the loss is nan or inf: every later step would be too.
+
+    where: the step it happened at ('step 12 (epoch 1)'); kept: what is still on disk."""
+    if not torch.isfinite(loss):
+        raise UserError(f"the loss became {loss.item()} at {where}, so training stopped; {kept}; try a lower --lr")
+
+
+def best_weights(trainable: list[tuple[str, nn.Parameter]]) -> dict[str, torch.Tensor]:
+    """A copy of the trainable weights, name -> tensor. The caller binds the new dict in one assignment,
+    so a Ctrl-C while copying leaves the previous best intact."""
+    return {name: p.detach().clone() for name, p in trainable}
+
+
+@torch.no_grad()
+def restore(trainable: list[tuple[str, nn.Parameter]], weights: dict[str, torch.Tensor]) -> None:
+    """Put saved weights back into the model (a no-op when none were saved)."""
+    if weights:
+        for name, p in trainable:
+            p.copy_(weights[name])
+
+
+def save_state(path: Path, trainable: list[tuple[str, nn.Parameter]], optimizer: torch.optim.Optimizer,
+               generator: torch.Generator, progress: dict, args: argparse.Namespace) -> None:
+    """Everything --resume needs after a finished epoch, written atomically: the trainable weights (the
+    frozen ones come back from --init and the seed exactly), the optimizer, the batch order's generator,
+    the command's flags and the loop's progress."""
+    buffer = io.BytesIO()
+    torch.save({"trainable": {name: p.detach().cpu() for name, p in trainable},
+                "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+                "args": vars(args), **progress}, buffer)
+    atomic_write(path, buffer.getvalue())
+
+
+def load_state(path: Path, args: argparse.Namespace, must_match: tuple[str, ...]) -> dict:
+    """The state saved by save_state, checked against this command's flags: those in must_match change
+    what a resumed run computes, so they must be the run's own (--epochs may grow)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        saved_args = state["args"]
+    except FileNotFoundError:
+        raise UserError(f"--resume: {path} does not exist (a finished run keeps no state); start a run without "
+                        f"--resume") from None
+    except Exception:  # truncated, not ours: unusable either way
+        raise UserError(f"--resume: {path} is not a readable training state; start again with --force") from None
+    refuse_changed_flags(saved_args, args, must_match, path.parent, "start a new run with --force or another --out-dir")
+    return state
+
+
+def read_inputs(values: list[str], flag: str, what: str, verb: str) -> list[str]:
+    """The texts a repeatable flag names (--ask, --predict); '-' reads one text per line of stdin,
+    blank lines skipped. An empty text, or nothing at all, is a UserError: there is nothing to do."""
+    texts = []
+    for text in values:
+        if text == "-":
+            texts += [line.rstrip("\r\n") for line in sys.stdin if line.strip()]
+        elif not text.strip():
+            raise UserError(f"{flag} got an empty {what}; there is nothing to {verb}")
+        else:
+            texts.append(text)
+    if not texts:
+        raise UserError(f"stdin held no {what} to {verb} ({flag} - reads one {what} per line)")
+    return texts
