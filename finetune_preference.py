@@ -130,28 +130,84 @@ def pair_length(pair: Pair) -> int:
 # ---------------------------------------------------------------------------------------------------
 # Log-probabilities of responses, and the DPO loss
 
+def score(model: GPT, hidden: torch.Tensor, targets: torch.Tensor, owners: torch.Tensor, n: int,
+          kind: str) -> torch.Tensor:
+    """log p(response | prompt) of n sequences, (n,) float32, from the hidden states that predict their
+    K scored tokens: hidden (K, C), targets (K,), owners (K,) the sequence each token belongs to. The sum
+    of the tokens' log-probs, or with kind "mean" that sum / their number. The LM head and its
+    log-softmax run on these K positions only, never on a prompt or padding."""
+    token_logprobs = -F.cross_entropy(model.lm_head(hidden).float(), targets, reduction="none")  # (K,)
+    total = torch.zeros(n, device=hidden.device).index_add(0, owners, token_logprobs)  # (n,)
+    if kind == "sum":
+        return total
+    return total / torch.bincount(owners, minlength=n)
+
+
 def response_logprobs(model: GPT, examples: Sequence[Example], pad_id: int, kind: str,
                       device: torch.device) -> torch.Tensor:
-    """log p(response | prompt) of each example, (N,) float32: the sum over its response tokens (and
-    end token) of log p(token | everything before it), or with kind "mean" that sum / their number.
-
-    The examples share one forward pass (N rows padded on the right to the longest); the LM head and
-    its log-softmax run only on the K positions whose target is a response token."""
+    """log p(response | prompt) of each example (its response tokens and end token), (N,) float32;
+    the N examples as N rows of one forward pass, padded on the right to the longest."""
     inputs, targets = collate(examples, pad_id, mask_prompt=True)  # (N, T); prompt and padding IGNORE
     inputs, targets = inputs.to(device), targets.to(device)
     keep = targets != IGNORE  # (N, T)
-    logits = model.lm_head(model.hidden(inputs)[keep])  # (K, V)
-    token_logprobs = -F.cross_entropy(logits.float(), targets[keep], reduction="none")  # (K,)
-    rows = keep.nonzero()[:, 0]  # (K,) the example each scored token belongs to
-    total = torch.zeros(len(examples), device=device).index_add(0, rows, token_logprobs)  # (N,)
-    return total if kind == "sum" else total / keep.sum(1)
+    owners = keep.nonzero()[:, 0]  # (K,) the example each scored token belongs to
+    return score(model, model.hidden(inputs)[keep], targets[keep], owners, len(examples), kind)
+
+
+def pack_pairs(pairs: Sequence[Pair], pad_id: int) -> dict[str, torch.Tensor]:
+    """Each pair as one row: its prompt once, then the chosen response, then the rejected one.
+
+    A rejected token may attend to the prompt and the rejected tokens before it, never to the chosen
+    response, and its position continues from the prompt's: each response sees exactly what it sees
+    in a sequence of its own, so the log-probs are the same, for prompt + chosen + rejected tokens
+    instead of twice the prompt. A response's last token is only a target, never an input.
+    Returns ids and positions (B, T), mask (B, T, T), and for the 2B responses' K scored tokens: where
+    (K,) (the index in the flattened (B * T) row that predicts each), targets (K,) and owners (K,)
+    (chosen of pair b: b; rejected: B + b)."""
+    B = len(pairs)
+    parts = [(p.chosen.ids[:p.chosen.prompt_len], p.chosen.ids[p.chosen.prompt_len:],
+              p.rejected.ids[p.rejected.prompt_len:]) for p in pairs]
+    T = max(len(prompt) + len(chosen) + len(rejected) - 2 for prompt, chosen, rejected in parts)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    positions = torch.zeros(B, T, dtype=torch.long)
+    segment = torch.full((B, T), -1)  # 0 prompt, 1 chosen, 2 rejected, -1 padding
+    where, targets, owners = [], [], []
+    for b, (prompt, chosen, rejected) in enumerate(parts):
+        P, C, R = len(prompt), len(chosen), len(rejected)
+        ids[b, :P + C + R - 2] = torch.tensor(prompt + chosen[:-1] + rejected[:-1])
+        positions[b, :P + C + R - 2] = torch.cat([torch.arange(P + C - 1), torch.arange(P, P + R - 1)])
+        segment[b, :P], segment[b, P:P + C - 1], segment[b, P + C - 1:P + C + R - 2] = 0, 1, 2
+        # target k of a response is predicted by the token before it: the prompt's last for k = 0
+        where += [b * T + P - 1] + [b * T + P + k - 1 for k in range(1, C)]
+        where += [b * T + P - 1] + [b * T + P + C - 1 + k - 1 for k in range(1, R)]
+        targets += chosen + rejected
+        owners += [b] * C + [B + b] * R
+    slots = torch.arange(T)
+    mask = (slots[None, :] <= slots[:, None]) & (segment[:, None, :] >= 0)  # causal, real keys: (B, T, T)
+    mask &= ~((segment[:, :, None] == 2) & (segment[:, None, :] == 1))  # rejected never sees chosen
+    mask |= torch.eye(T, dtype=torch.bool)  # a padding query sees itself: a finite, unused output
+    return {"ids": ids, "positions": positions, "mask": mask, "where": torch.tensor(where),
+            "targets": torch.tensor(targets), "owners": torch.tensor(owners)}
+
+
+def packable(model: GPT, pairs: Sequence[Pair]) -> bool:
+    """Whether the pairs fit pack_pairs' rows (not with a sliding window, whose mask is by slot)."""
+    return model.config.sliding_window is None and max(
+        len(p.chosen.ids) + len(p.rejected.ids) - p.chosen.prompt_len - 2 for p in pairs) <= model.config.block_size
 
 
 def pair_logprobs(model: GPT, pairs: Sequence[Pair], pad_id: int, kind: str,
                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chosen and rejected log-probs (B,) each, from one forward pass over the 2B sequences."""
-    logprobs = response_logprobs(model, [p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id, kind,
-                                 device)
+    """Chosen and rejected log-probs (B,) each, from one forward pass: packed rows sharing the prompt
+    (see pack_pairs), else the 2B sequences as rows of their own."""
+    if not packable(model, pairs):
+        logprobs = response_logprobs(model, [p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id, kind,
+                                     device)
+        return logprobs[:len(pairs)], logprobs[len(pairs):]
+    batch = {key: value.to(device) for key, value in pack_pairs(pairs, pad_id).items()}
+    hidden = model.hidden(batch["ids"], attention_mask=batch["mask"], positions=batch["positions"])  # (B, T, C)
+    logprobs = score(model, hidden.flatten(0, 1)[batch["where"]], batch["targets"], batch["owners"], 2 * len(pairs),
+                     kind)
     return logprobs[:len(pairs)], logprobs[len(pairs):]
 
 
@@ -302,6 +358,7 @@ def fit(model: GPT, pairs: dict[str, list[Pair]], refs: dict[str, torch.Tensor],
         progress = {key: resumed[key] for key in progress}
         print(f"resuming at step {progress['step']} of {total_steps}")
     step, history, interrupted = progress["step"], progress["history"], False  # history is progress's list
+    train_losses = []  # each step's loss, of the steps this process runs
     interval = {"losses": [], "tokens": 0, "seconds": 0.0}
     t_start = time.perf_counter()
     try:
@@ -322,7 +379,8 @@ def fit(model: GPT, pairs: dict[str, list[Pair]], refs: dict[str, torch.Tensor],
                     raise UserError(f"the loss became {loss.item()} at step {step + 1}, so training stopped and no "
                                     f"model was saved; try a lower --lr or --beta")
                 step += 1
-                interval["losses"].append(loss.item())
+                train_losses.append(loss.item())
+                interval["losses"].append(train_losses[-1])
                 interval["tokens"] += sum(len(train[i].chosen.ids) + len(train[i].rejected.ids) - 2 for i in index)
                 interval["seconds"] += time.perf_counter() - t0
                 if step % steps_per_epoch == 0:
@@ -342,7 +400,8 @@ def fit(model: GPT, pairs: dict[str, list[Pair]], refs: dict[str, torch.Tensor],
         with torch.no_grad():
             for name, p in trainable:
                 p.copy_(progress["best_weights"][name])
-    return {"steps": step, "total_steps": total_steps, "history": history, "best_step": progress["best_step"],
+    return {"steps": step, "total_steps": total_steps, "history": history, "train_losses": train_losses,
+            "best_step": progress["best_step"],
             "best_val_loss": progress["best_val_loss"] if progress["best_step"] else None,
             "interrupted": interrupted, "train_seconds": time.perf_counter() - t_start}
 

@@ -85,8 +85,12 @@ def test_the_loss_before_any_update_is_ln_2(pairs, kind):
     assert result["reward_margin"] == 0 and result["reward_accuracy"] == 0
 
 
-@pytest.mark.parametrize("kind", ["mean", "sum"])
-def test_loss_rewards_and_margins_equal_a_straightforward_computation(pairs, kind):
+@pytest.mark.parametrize("kind, packed", [("mean", True), ("sum", True), ("mean", False)])
+def test_loss_rewards_and_margins_equal_a_straightforward_computation(pairs, kind, packed, monkeypatch):
+    """Packed (the prompt once, both responses in one row) or as separate rows: the same numbers."""
+    assert fp.packable(tiny_model(0), pairs)
+    if not packed:
+        monkeypatch.setattr(fp, "packable", lambda *a: False)
     policy, reference, beta = tiny_model(1), tiny_model(2), 0.3
     with torch.no_grad():
         chosen, rejected = fp.pair_logprobs(policy, pairs, 50256, kind, torch.device("cpu"))
@@ -95,7 +99,8 @@ def test_loss_rewards_and_margins_equal_a_straightforward_computation(pairs, kin
 
     expected_losses, expected_chosen, expected_rejected = [], [], []
     for pair in pairs:  # two separate forward passes per sequence (policy, reference)
-        c = beta * (straightforward_logprob(policy, pair.chosen, kind) - straightforward_logprob(reference, pair.chosen, kind))
+        c = beta * (straightforward_logprob(policy, pair.chosen, kind)
+                    - straightforward_logprob(reference, pair.chosen, kind))
         r = beta * (straightforward_logprob(policy, pair.rejected, kind)
                     - straightforward_logprob(reference, pair.rejected, kind))
         expected_chosen.append(c)
@@ -125,6 +130,21 @@ def test_only_response_tokens_are_scored(pairs):
         logits, _ = model(torch.tensor(example.ids)[None, :-1])
     every_token = torch.log_softmax(logits[0], -1).gather(1, torch.tensor(example.ids[1:])[:, None]).sum()
     assert abs(every_token.item() - total.item()) > 1.0  # the prompt's tokens would count for a lot
+
+
+def test_a_packed_row_shares_the_prompt_and_hides_the_chosen_response_from_the_rejected_one(pairs):
+    pair = pairs[1]
+    P, C, R = pair.chosen.prompt_len, len(pair.chosen.ids) - pair.chosen.prompt_len, \
+        len(pair.rejected.ids) - pair.chosen.prompt_len
+    batch = fp.pack_pairs([pair, pairs[0]], 7)
+    row = batch["ids"][0].tolist()
+    assert row[:P + C + R - 2] == pair.chosen.ids[:-1] + pair.rejected.ids[P:-1]
+    assert batch["positions"][0, P + C - 1].item() == P  # the rejected response starts where the prompt ends
+    first_rejected = P + C - 1
+    assert not batch["mask"][0, first_rejected, P:first_rejected].any()  # no chosen token is seen
+    assert batch["mask"][0, first_rejected, :P].all()  # the whole prompt is
+    assert len(batch["targets"]) == C + R + len(pairs[0].chosen.ids) + len(pairs[0].rejected.ids) - 2 * \
+        pairs[0].chosen.prompt_len
 
 
 def test_cached_reference_logprobs_equal_fresh_ones(pairs):
