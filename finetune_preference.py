@@ -587,6 +587,7 @@ def train_main(args: argparse.Namespace) -> dict:
         metrics = {"data": {"path": str(data_path), **{k: len(v) for k, v in splits.items()},
                             "identical_left_out": identical},
                    "template": template.name, "settings": vars(args), "checkpoint": None, "interrupted": False,
+                   "train_seconds": 0.0,
                    "model": {"init": args.init, "preset": args.preset, "model_type": extra["model_type"],
                              "params": model.num_params(), "trainable_params": n_trainable}}
         if args.epochs:

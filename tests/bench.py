@@ -8,6 +8,7 @@
     python tests/bench.py families --hf-python VENV/bin/python   # Mistral-shaped decoding vs transformers
     python tests/bench.py spam          # finetune_spam.py vs the book's recipe; accuracy; settings table
     python tests/bench.py instruct      # finetune_instruct.py vs the book's ch. 7 recipe; gpt2-medium figures
+    python tests/bench.py preference --preference-limit 20   # finetune_preference.py (DPO) vs the book's recipe
     python tests/bench.py evaluate      # choice items/s vs a forward per choice; contamination MB/s and memory; perplexity
     python tests/bench.py gpu           # CUDA only: bf16 compiled decoding and training MFU
 
@@ -26,6 +27,7 @@ import bench_parts.families as families_bench  # noqa: E402
 import bench_parts.generate as generate_bench  # noqa: E402
 import bench_parts.instruct as instruct_bench  # noqa: E402
 import bench_parts.load as load_bench  # noqa: E402
+import bench_parts.preference as preference_bench  # noqa: E402
 import bench_parts.spam as spam_bench  # noqa: E402
 import bench_parts.tokenizer as tokenizer_bench  # noqa: E402
 import bench_parts.train as train_bench  # noqa: E402
@@ -51,6 +53,7 @@ BENCHMARKS = {
     "families": (families_bench.add_arguments, families_bench.run),
     "spam": (spam_bench.add_arguments, spam_bench.run),
     "instruct": (instruct_bench.add_arguments, instruct_bench.run),
+    "preference": (preference_bench.add_arguments, preference_bench.run),
     "evaluate": (evaluate_bench.add_arguments, evaluate_bench.run),
     "gpu": (lambda parser: (generate_bench.add_arguments(parser, gpu=True),
                             train_bench.add_arguments(parser, cases=("gpu",))), gpu),

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import finetune_preference as fp
 from common import RunLock, UserError, run_stage
@@ -230,6 +229,15 @@ def test_an_existing_run_is_kept_unless_force_and_a_locked_one_is_refused(tmp_pa
     monkeypatch.undo()
     fp.main(tiny_args(tmp_path, data_file, "--epochs", "1", "--force", "--seed", "5"))
     assert (out / fp.MODEL_FILE).read_bytes() != before[fp.MODEL_FILE]
+
+
+def test_a_lora_run_trains_only_the_adapters_and_saves_them_merged(tmp_path, data_file):
+    metrics = fp.main(tiny_args(tmp_path, data_file, "--epochs", "2", "--trainable", "lora", "--lr", "1e-2"))
+    state = torch.load(tmp_path / "out" / fp.STATE_FILE, weights_only=True)
+    assert state["trainable"] and all(name.endswith((".A", ".B")) for name in state["trainable"])
+    assert metrics["history"][-1]["train_reward_margin"] > 0
+    model, _ = load_checkpoint(tmp_path / "out" / fp.MODEL_FILE)  # a plain GPT: the adapters merged in
+    assert not any(name.endswith((".A", ".B")) for name in model.state_dict())
 
 
 def test_compare_shows_the_instruct_models_answers_beside_the_tuned_ones(tmp_path, data_file, capsys):
