@@ -569,6 +569,9 @@ def train_main(args: argparse.Namespace) -> dict:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls (outside autocast) on tensor cores
     out_dir = writable_folder(args.out_dir)
+    if args.compare and not Path(args.compare).is_file():  # found out before the run, not after it
+        raise UserError(f"--compare {args.compare} does not exist; name a test-responses.json written by "
+                        f"finetune_instruct.py")
     with RunLock(out_dir):
         check_existing_run(out_dir, args.force, args.resume)
         resumed = load_state(out_dir / STATE_FILE, args) if args.resume else None

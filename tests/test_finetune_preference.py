@@ -267,6 +267,12 @@ def test_bad_data_is_one_sentence_and_nothing_is_written(tmp_path, change, messa
     assert [p.name for p in (tmp_path / "out").iterdir()] == []
 
 
+def test_a_missing_compare_file_is_refused_before_any_work(tmp_path, data_file, monkeypatch):
+    monkeypatch.setattr(fp, "load_model", lambda *a, **k: pytest.fail("work started"))
+    with pytest.raises(UserError, match="--compare .*nothing.json does not exist"):
+        fp.main(tiny_args(tmp_path, data_file, "--compare", str(tmp_path / "nothing.json")))
+
+
 def test_pairs_with_the_same_two_responses_are_left_out_and_reported(tmp_path, capsys):
     data = entries()
     data[1]["rejected"] = data[1]["chosen"]
