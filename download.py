@@ -44,6 +44,9 @@ SMS_SPAM_SHA256 = "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c2
 INSTRUCTION_DATA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/"
                         "instruction-data.json")
 INSTRUCTION_DATA_SHA256 = "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944"
+PREFERENCE_DATA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/04_preference-tuning-with-dpo/"
+                       "instruction-data-with-preference.json")
+PREFERENCE_DATA_SHA256 = "305315abf14f65fa42c01a0877572f832606571c2a7d49f152ac1d758b16756e"
 
 
 # Hugging Face Hub files live under hf/<repo>/<file> in the cache, whichever stage fetches them.
@@ -61,6 +64,7 @@ HF_TOKEN_ENV = "HF_TOKEN"
 # path under cache_dir() -> (url, sha256 or None): the files any stage may fetch by name
 KNOWN_FILES: dict[str, tuple[str, str | None]] = {
     "instruct/instruction-data.json": (INSTRUCTION_DATA_URL, INSTRUCTION_DATA_SHA256),
+    "instruct/instruction-data-with-preference.json": (PREFERENCE_DATA_URL, PREFERENCE_DATA_SHA256),
     f"hf/{MISTRAL_REPO}/tokenizer.model": (MISTRAL_TOKENIZER_URL, MISTRAL_TOKENIZER_SHA256),
     "gpt2/encoder.json": (GPT2_ENCODER_URL, GPT2_ENCODER_SHA256),
     "gpt2/vocab.bpe": (GPT2_VOCAB_URL, GPT2_VOCAB_SHA256),

@@ -487,7 +487,10 @@ class GPT(nn.Module):
         """What every block's attention needs, built once per forward: the mask (None: plain causal)
         and the rotary cos and sin at `positions` (None: learned positions)."""
         window = self.config.sliding_window
-        if kv_cache is not None:
+        if attention_mask is not None and attention_mask.dim() == 3:  # (B, T, T): the caller's own pattern
+            assert kv_cache is None and at is None and window is None, "a (B, T, T) mask is used as it is"
+            mask = attention_mask.bool()[:, None]  # (B, 1, T, T)
+        elif kv_cache is not None:
             mask = build_attention_mask(cache_positions, torch.arange(kv_cache.max_length, device=device),
                                         kv_cache.valid, window)
         elif attention_mask is None and window is None and at is None:
@@ -539,6 +542,7 @@ class GPT(nn.Module):
             if positions is None:  # the number of real tokens before each new one in its row
                 positions = (kv_cache.valid.cumsum(1) - 1).clamp(min=0)[rows, cache_positions]  # (B, T)
         if positions is None:
+            assert attention_mask is None or attention_mask.dim() == 2, "a (B, T, T) mask needs positions"
             positions = token_positions(T, idx.device, attention_mask)
         x = self.embed(idx, positions)  # (B, T, C)
         mask, rope = self._attention_inputs(T, idx.device, attention_mask, positions, kv_cache, cache_positions)
@@ -554,7 +558,10 @@ class GPT(nn.Module):
         """Logits for token ids idx (B, T), and the mean cross-entropy loss when targets are given.
 
         attention_mask (B, T): 1 for real tokens, 0 for padding; positions then count real tokens only,
-        so a left-padded row gets the positions (learned or rotary) it would have alone.
+        so a left-padded row gets the positions (learned or rotary) it would have alone. Or (B, T, T):
+        which keys each query may attend to (True = may), used as it is (causality included), with
+        positions given: several sequences packed in one row (finetune_preference.py shares a prompt
+        between two responses that way); not with a KV cache or a sliding window.
         positions (B, T) or (T,): each token's position, when the caller knows better.
         kv_cache + cache_positions (T,), or (B, T) for slots of each row's own: incremental decoding;
         the new tokens' keys and values go to those cache slots and attention covers every valid slot up to each query's own (and within

@@ -8,6 +8,7 @@
     python tests/bench.py families --hf-python VENV/bin/python   # Mistral-shaped decoding vs transformers
     python tests/bench.py spam          # finetune_spam.py vs the book's recipe; accuracy; settings table
     python tests/bench.py instruct      # finetune_instruct.py vs the book's ch. 7 recipe; gpt2-medium figures
+    python tests/bench.py preference --preference-limit 20   # finetune_preference.py (DPO) vs the book's recipe
     python tests/bench.py evaluate      # choice items/s vs a forward per choice; contamination MB/s and memory; perplexity
     python tests/bench.py serve --hf-python VENV/bin/python      # serve.py vs transformers serve, 1/4/8 streaming clients
     python tests/bench.py rag --ref-python VENV/bin/python   # BM25: build, index size, query p50/p95 vs rank_bm25, bm25s
@@ -29,6 +30,7 @@ import bench_parts.generate as generate_bench  # noqa: E402
 import bench_parts.instruct as instruct_bench  # noqa: E402
 import bench_parts.serve as serve_bench  # noqa: E402
 import bench_parts.load as load_bench  # noqa: E402
+import bench_parts.preference as preference_bench  # noqa: E402
 import bench_parts.rag as rag_bench  # noqa: E402
 import bench_parts.spam as spam_bench  # noqa: E402
 import bench_parts.tokenizer as tokenizer_bench  # noqa: E402
@@ -55,6 +57,7 @@ BENCHMARKS = {
     "families": (families_bench.add_arguments, families_bench.run),
     "spam": (spam_bench.add_arguments, spam_bench.run),
     "instruct": (instruct_bench.add_arguments, instruct_bench.run),
+    "preference": (preference_bench.add_arguments, preference_bench.run),
     "evaluate": (evaluate_bench.add_arguments, evaluate_bench.run),
     "serve": (serve_bench.add_arguments, serve_bench.run),
     "rag": (rag_bench.add_arguments, rag_bench.run),

@@ -49,6 +49,7 @@ SEED_FILES = {
     "text/the-verdict.txt": "text/the-verdict.txt",
     "sms_spam/SMSSpamCollection": "sms_spam/SMSSpamCollection",
     "instruct/instruction-data.json": "instruct/instruction-data.json",
+    "instruct/instruction-data-with-preference.json": "instruct/instruction-data-with-preference.json",
     "hf/mistralai/Mistral-7B-v0.1/tokenizer.model": "mistral/tokenizer.model",
 }
 
