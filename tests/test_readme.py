@@ -5,6 +5,7 @@ they are skipped with that reason unless LLM_TEST_DOWNLOADS=1. A line that reads
 writes (out/pretrain, out/hf, the spam classifier, out/instruct-mini) runs that line first if it has not
 run, so each line's test stands alone; and each line's test checks what the line is for, not only its
 exit code. Only the Mistral lines need Mistral's tokenizer."""
+import json
 import os
 import re
 import shutil
@@ -40,6 +41,8 @@ def small(line: str) -> str:
         "finetune_spam.py": "--epochs 1",
         "finetune_instruct.py": "--epochs 1 --max-length 24 --batch-size 32 --max-new-tokens 8 --eval-every 10",
         "generate.py": "--max-new-tokens 8",
+        # the test's instruct-mini is the tiny preset (64 tokens of context): pairs short enough for it
+        "finetune_preference.py": "--data short-pairs.json --batch-size 4 --eval-every 2 --max-new-tokens 4",
     }
     script = re.search(r"python (\w+\.py)", command).group(1)
     flags = extra.get(script, "")
@@ -64,13 +67,16 @@ def workdir(tmp_path_factory) -> Path:
     shutil.copy(verdict, folder / "corpus" / "verdict.txt")
     (folder / "corpus" / "short.txt").write_text("A short second document.\n" * 40)
     shutil.copy(verdict, folder / "corpus.txt")
+    pairs = [{"instruction": f"Greet person {i}.", "input": "", "output": "Hello!", "chosen": "Hello, nice to meet you!",
+              "rejected": "Go away."} for i in range(40)]
+    (folder / "short-pairs.json").write_text(json.dumps(pairs))
     return folder
 
 
 def test_the_quick_start_has_lines_for_every_stage():
     scripts = {re.search(r"python (\w+\.py)", line).group(1) for line in LINES}
     assert scripts == {"tokenizer.py", "pretrain.py", "generate.py", "load_gpt2.py", "finetune_spam.py",
-                       "finetune_instruct.py", "evaluate.py"}
+                       "finetune_instruct.py", "finetune_preference.py", "evaluate.py", "rag.py"}
 
 
 def prerequisites(line: str) -> list[str]:
@@ -86,6 +92,10 @@ def prerequisites(line: str) -> list[str]:
         needed.append(first("finetune_spam.py --init random"))
     if "out/instruct-mini/" in line:
         needed.append(first("finetune_instruct.py", "--out-dir out/instruct-mini"))
+    if "--tokenizer out/bpe.json" in line:
+        needed.append(first("tokenizer.py train"))
+    if "--index out/index" in line:
+        needed.append(first("rag.py index"))
     return needed
 
 
@@ -118,6 +128,15 @@ def check_output(line: str, result: subprocess.CompletedProcess, workdir: Path) 
         assert out.strip(), "no answer"
     elif "finetune_instruct.py" in line:
         assert (workdir / "out" / "instruct-mini" / "test-responses.json").is_file()
+    elif "finetune_preference.py" in line:
+        folder = workdir / "out" / "preference-mini"
+        records = [json.loads(row) for row in (folder / "metrics.jsonl").read_text().splitlines()]
+        assert records[0]["step"] == 0 and abs(records[0]["train_loss"] - 0.6931) < 1e-3, records[0]
+        assert (folder / "model.pt").is_file() and (folder / "test-responses.json").is_file()
+    elif "rag.py index" in line:
+        assert (workdir / "out" / "index" / "meta.json").is_file()
+    elif "rag.py search" in line:
+        assert "verdict" in out.lower(), out[-500:]
     elif "evaluate.py" in line:
         subcommand = line.split()[2]
         expected = {"answers": "ROUGE-L", "perplexity": "perplexity", "contamination": "contaminat"}[subcommand]
