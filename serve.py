@@ -42,7 +42,8 @@ import torch
 import torch.nn as nn
 
 from common import ArgumentParser, UserError, positive_int, run_stage
-from generate import TextStream, check_sampling, encode_prompt, load_for_generation, sample_next
+from generate import (TextStream, check_sampling, cpu_head, encode_prompt, load_for_generation, next_logits,
+                      sample_next)
 from load_gpt2 import add_init_args, tokenizer_for
 from model import KVCache, add_device_args, device_and_dtype
 from templates import FAMILY_TEMPLATES, TEMPLATES, Template, encode_template_text, stop_ids
@@ -121,11 +122,8 @@ class Scheduler:
         self.waiting: queue.Queue[Job] = queue.Queue(maxsize=queue_size)
         self.closing = threading.Event()
         self.tokens_done = 0  # new tokens over the server's life, for the load line
-        # As generate() does on a CPU: a float32 head is read faster transposed, and the same head
-        # gives the same numbers as generate.py.
-        self.head_t = None
-        if device.type == "cpu" and type(model.lm_head) is nn.Linear and model.lm_head.weight.dtype == torch.float32:
-            self.head_t = model.lm_head.weight.t().contiguous()  # (C, V)
+        # generate()'s own head on a CPU (a float32 head read transposed), so the numbers are generate.py's
+        self.head_t = cpu_head(model)
 
     def submit(self, job: Job) -> None:
         """Queue a job; APIError 429 if the queue is full, 503 once the server is closing."""
@@ -214,12 +212,12 @@ class Scheduler:
                 real[row, T - len(chunk):] = 1
                 slots[row, T - len(chunk):] = torch.arange(start, start + len(chunk))
         part = self.cache.part(slice(first, span), int(slots.max()) + 1)
-        logits, _ = self.model(ids.to(self.device), attention_mask=real.to(self.device), kv_cache=part,
-                               cache_positions=slots.to(self.device), last_only=True, head_t=self.head_t)  # (rows, 1, V)
+        logits = next_logits(self.model, ids.to(self.device), self.head_t, attention_mask=real.to(self.device),
+                             kv_cache=part, cache_positions=slots.to(self.device))  # (rows, V)
         for job in jobs:
             job.fed += len(chunks[job.slot])
             if job.generating:
-                self.accept(job, logits[job.slot - first, -1])
+                self.accept(job, logits[job.slot - first])
 
     def decode(self) -> None:
         """One step for every generating row: feed each its last token at its own next cache slot.
@@ -237,11 +235,11 @@ class Scheduler:
             if job is not None:
                 tokens[i, 0], slots[i, 0] = max(job.last, 0), job.fed
         part = self.cache.part(slice(0, span), int(slots.max()) + 1)
-        logits, _ = self.model(tokens.to(self.device), kv_cache=part, cache_positions=slots.to(self.device),
-                               last_only=True, head_t=self.head_t)  # (span, 1, V)
+        logits = next_logits(self.model, tokens.to(self.device), self.head_t, kv_cache=part,
+                             cache_positions=slots.to(self.device))  # (span, V)
         for job in rows:
             job.fed += 1
-            self.accept(job, logits[job.slot, -1])
+            self.accept(job, logits[job.slot])
 
     def accept(self, job: Job, logits: torch.Tensor) -> None:
         """Sample the job's next token from its logits (V,), pass on the text it completes, and end
