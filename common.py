@@ -33,6 +33,10 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(f"{message} (see: python {self.prog} --help)")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """-h shows every default and keeps an epilog's example commands on their own lines."""
+
+
 def _number_flag(convert, test, wanted: str):
     """An argparse type: text -> number, refused (naming the flag, through argparse) unless test holds."""
     def parse(text: str):

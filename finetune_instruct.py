@@ -21,16 +21,16 @@ import torch
 import torch.nn.functional as F
 
 import planner
-from common import (ArgumentParser, RunLock, SEED, UserError, atomic_write, clock, non_negative_float, non_negative_int,
-                    positive_float, positive_int, run_stage, side_by_side, writable_folder)
+from common import (ArgumentParser, HelpFormatter, RunLock, SEED, UserError, atomic_write, clock, non_negative_float,
+                    non_negative_int, positive_float, positive_int, run_stage, side_by_side, writable_folder)
 from data import (Example, collate, default_data, degenerate_answers, degenerate_note, length_grouped_batches,
                   load_entries, make_example, random_batches, split_entries)
 from generate import answer
 from load_gpt2 import add_init_args, check_preset, load_model, model_card, tokenizer_for
 from model import GPT, IGNORE, add_device_args, add_lora, autocast, device_and_dtype, merge_lora, save_checkpoint
 from templates import TEMPLATES, Template, default_template, prompt_ids
-from training import (best_weights, check_finite, load_state, model_to_finetune, read_inputs, restore, save_state,
-                      trainable_parameters)
+from training import (best_weights, check_finite, load_state, model_to_finetune, read_inputs, report_model, restore,
+                      save_state, trainable_parameters)
 
 
 
@@ -318,11 +318,8 @@ def train_main(args: argparse.Namespace) -> dict:
               f"{data['mean_tokens']:.1f} tokens per example on average, longest {data['max_tokens']}; "
               f"{data['truncated']} cut to --max-length {max_length}"
               + (f"; {data['left_out']} left out (no response token within --max-length)" if data["left_out"] else ""))
-        n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print(f"model: {args.init}{' ' + args.preset if args.preset else ''} ({card['model_type']}), "
-              f"{model.num_params() / 1e6:.1f}M parameters, context {model.config.block_size}; training "
-              f"{args.trainable}: {n_trainable / 1e6:.2f}M parameters on {device} "
-              f"({str(dtype).removeprefix('torch.')})")
+        n_trainable = report_model(model, args, device, dtype, card["model_type"],
+                                   size=f", context {model.config.block_size}")
         metrics = {"data": {"path": str(data_path), **data}, "template": template.name,
                    "model": {"init": args.init, "preset": args.preset, "model_type": card["model_type"],
                              "params": model.num_params(), "trainable_params": n_trainable},
@@ -401,10 +398,6 @@ def ask_main(args: argparse.Namespace) -> dict:
 
 # ---------------------------------------------------------------------------------------------------
 # Command line
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """-h shows every default and keeps the example commands on their own lines."""
-
 
 LAPTOP_HELP = """\
 examples:

@@ -29,7 +29,6 @@ What differs from the recipe in "LLMs from scratch" (ch. 7, "DPO from scratch"),
 """
 import argparse
 import dataclasses
-import io
 import json
 import math
 import shlex
@@ -41,15 +40,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import (ArgumentParser, RunLock, UserError, atomic_write, clock, non_negative_float, non_negative_int,
-                    positive_float, positive_int, run_stage, side_by_side, writable_folder)
-from data import (Example, IGNORE, collate, length_grouped_batches, load_entries, make_example, random_batches,
+from common import (ArgumentParser, HelpFormatter, RunLock, UserError, atomic_write, clock, non_negative_float,
+                    non_negative_int, positive_float, positive_int, run_stage, side_by_side, writable_folder)
+from data import (Example, collate, length_grouped_batches, load_entries, make_example, random_batches,
                   split_entries)
 from download import DownloadError, fetch
 from generate import answer
-from load_gpt2 import add_init_args, load_model, model_card, tokenizer_for
-from model import GPT, add_device_args, add_lora, autocast, device_and_dtype, merge_lora, save_checkpoint
+from load_gpt2 import add_init_args, check_preset, model_card, tokenizer_for
+from model import GPT, IGNORE, add_device_args, add_lora, autocast, device_and_dtype, merge_lora, save_checkpoint
 from templates import TEMPLATES, Template, default_template, prompt_ids
+from training import (best_weights, check_finite, load_state, model_to_finetune, report_model, restore, save_state,
+                      trainable_parameters)
 
 
 PREFERENCE_RELPATH = "instruct/instruction-data-with-preference.json"  # one of download.KNOWN_FILES
@@ -273,34 +274,6 @@ RESUME_MUST_MATCH = ("data", "init", "preset", "template", "trainable", "lora_ra
                      "lr", "weight_decay", "beta", "logprobs", "group_by_length", "seed", "dtype")
 
 
-def save_state(path: Path, trainable: list[tuple[str, torch.Tensor]], optimizer: torch.optim.Optimizer,
-               progress: dict, args: argparse.Namespace) -> None:
-    """Everything --resume needs, written atomically: the trainable weights (the frozen ones come back
-    from --init), the optimizer, the reference log-probs and the progress (step, batch order, history,
-    best weights)."""
-    buffer = io.BytesIO()
-    torch.save({"trainable": {name: p.detach().cpu() for name, p in trainable}, "optimizer": optimizer.state_dict(),
-                "args": vars(args), **progress}, buffer)
-    atomic_write(path, buffer.getvalue())
-
-
-def load_state(path: Path, args: argparse.Namespace) -> dict:
-    """The state save_state wrote, checked against this command's flags."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        saved_args = state["args"]
-    except FileNotFoundError:
-        raise UserError(f"--resume: {path} does not exist; start the run without --resume") from None
-    except Exception:  # truncated, or not ours: unusable either way
-        raise UserError(f"--resume: {path} is not a readable training state; start again with --force") from None
-    changed = [name for name in RESUME_MUST_MATCH if saved_args.get(name) != getattr(args, name)]
-    if changed:
-        flags = ", ".join(f"--{n.replace('_', '-')} {saved_args.get(n)} (now {getattr(args, n)})" for n in changed)
-        raise UserError(f"--resume: the run in {path.parent} used {flags}; repeat the run's flags to resume it, "
-                        f"or start a new run with --force or another --out-dir")
-    return state
-
-
 def epoch_batches(pairs: Sequence[Pair], args: argparse.Namespace, generator: torch.Generator) -> list[list[int]]:
     if args.group_by_length:
         return length_grouped_batches([pair_length(p) for p in pairs], args.batch_size, generator)
@@ -326,7 +299,7 @@ def training_step(model: GPT, optimizer: torch.optim.Optimizer, batch: list[Pair
         chosen, rejected = pair_logprobs(model, batch, pad_id, args.logprobs, device)
     ref = ref.to(device)
     loss, _, _ = dpo_loss(chosen.float(), rejected.float(), ref[:, 0], ref[:, 1], args.beta)
-    if not torch.isfinite(loss):
+    if not torch.isfinite(loss):  # fit stops the run: no update from it
         return loss
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -343,7 +316,7 @@ def fit(model: GPT, pairs: dict[str, list[Pair]], refs: dict[str, torch.Tensor],
     Ctrl-C stops the run (the best weights so far are then in the model, if any); a loss that is not
     finite stops it with a UserError (state.pt keeps the last evaluation's state)."""
     optimizer = model.configure_optimizer(args.lr, args.weight_decay, betas=(0.9, 0.999), device_type=device.type)
-    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    trainable = trainable_parameters(model)
     train = pairs["train"]
     steps_per_epoch = math.ceil(len(train) / args.batch_size)
     total_steps = args.epochs * steps_per_epoch
@@ -351,9 +324,7 @@ def fit(model: GPT, pairs: dict[str, list[Pair]], refs: dict[str, torch.Tensor],
     progress = {"step": 0, "generator": generator.get_state(), "history": [], "best_step": None,
                 "best_val_loss": math.inf, "best_weights": {}, "refs": refs}
     if resumed is not None:
-        with torch.no_grad():
-            for name, p in trainable:
-                p.copy_(resumed["trainable"][name])
+        restore(trainable, resumed["trainable"])
         optimizer.load_state_dict(resumed["optimizer"])
         progress = {key: resumed[key] for key in progress}
         print(f"resuming at step {progress['step']} of {total_steps}")
@@ -375,9 +346,7 @@ def fit(model: GPT, pairs: dict[str, list[Pair]], refs: dict[str, torch.Tensor],
                 t0 = time.perf_counter()
                 loss = training_step(model, optimizer, [train[i] for i in index], refs["train"][index], args, pad_id,
                                      device, dtype)
-                if not torch.isfinite(loss):
-                    raise UserError(f"the loss became {loss.item()} at step {step + 1}, so training stopped and no "
-                                    f"model was saved; try a lower --lr or --beta")
+                check_finite(loss, f"step {step + 1}", "no model was saved", lower="--lr or --beta")
                 step += 1
                 train_losses.append(loss.item())
                 interval["losses"].append(train_losses[-1])
@@ -396,10 +365,7 @@ def fit(model: GPT, pairs: dict[str, list[Pair]], refs: dict[str, torch.Tensor],
     except KeyboardInterrupt:  # a half-done step does not matter: the best weights below replace it
         interrupted = True
         print(f"\nCtrl-C: stopped at step {step} of {total_steps}")
-    if progress["best_step"] is not None:
-        with torch.no_grad():
-            for name, p in trainable:
-                p.copy_(progress["best_weights"][name])
+    restore(trainable, progress["best_weights"])  # {} when no evaluation after training began
     return {"steps": step, "total_steps": total_steps, "history": history, "train_losses": train_losses,
             "best_step": progress["best_step"],
             "best_val_loss": progress["best_val_loss"] if progress["best_step"] else None,
@@ -415,11 +381,10 @@ def evaluation_point(model: GPT, pairs: dict[str, list[Pair]], refs: dict[str, t
     progress["history"].append(record)
     atomic_write(out_dir / LOG_FILE, "".join(json.dumps(r) + "\n" for r in progress["history"]))
     if step > 0 and record["val_loss"] < progress["best_val_loss"]:  # the best weights are tuned ones
-        # a new dict, bound at once: a Ctrl-C while copying leaves the previous best intact
-        progress["best_weights"] = {name: p.detach().clone() for name, p in trainable}
+        progress["best_weights"] = best_weights(trainable)
         progress.update(best_step=step, best_val_loss=record["val_loss"])
     progress["step"] = step
-    save_state(out_dir / STATE_FILE, trainable, optimizer, progress, args)
+    save_state(out_dir / STATE_FILE, trainable, optimizer, None, progress, args)  # progress has the generator
 
 
 def print_progress(step: int, total_steps: int, epoch: int, interval: dict, record: dict | None, progress: dict,
@@ -471,12 +436,7 @@ def starting_model(args: argparse.Namespace, device: torch.device) -> tuple[GPT,
         raise UserError(f"{INSTRUCT_MODEL} does not exist; finetune a model on instructions first (python "
                         f"finetune_instruct.py), or name one with --init (--init random --preset mini to try the "
                         f"pipeline)")
-    torch.manual_seed(args.seed)  # a random init and LoRA's matrices
-    try:
-        model, extra = load_model(args.init, preset=args.preset, device=device)
-    except DownloadError as e:
-        raise DownloadError(f"{e}; or run without downloading weights: --init random --preset mini, or --init "
-                            f"PATH to a local checkpoint") from None
+    model, extra = model_to_finetune(args.init, args.preset, args.seed, device, "--init random --preset mini")
     if model.config.num_classes is not None:
         raise UserError(f"{args.init} is a classifier; preference tuning needs a language model")
     if args.trainable == "lora":
@@ -574,7 +534,8 @@ def train_main(args: argparse.Namespace) -> dict:
                         f"finetune_instruct.py")
     with RunLock(out_dir):
         check_existing_run(out_dir, args.force, args.resume)
-        resumed = load_state(out_dir / STATE_FILE, args) if args.resume else None
+        resumed = (load_state(out_dir / STATE_FILE, args, RESUME_MUST_MATCH,
+                              "no run there reached its first evaluation") if args.resume else None)
         data_path, splits, identical = read_splits(args)
         model, extra = starting_model(args, device)
         tokenizer, template = tokenizer_for(extra), TEMPLATES[args.template or default_template(extra)]
@@ -582,11 +543,8 @@ def train_main(args: argparse.Namespace) -> dict:
               f"{len(splits['test'])} instructions; template {template.name}"
               + (f"; {len(identical)} pairs left out, their chosen and rejected responses being the same (entries "
                  f"{', '.join(map(str, identical[:8]))}{' ...' if len(identical) > 8 else ''})" if identical else ""))
-        n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print(f"model: {args.init}{' ' + args.preset if args.preset else ''} ({extra['model_type']}), "
-              f"{model.num_params() / 1e6:.1f}M parameters; training {args.trainable}: {n_trainable / 1e6:.2f}M "
-              f"parameters on {device} ({str(dtype).removeprefix('torch.')}); DPO beta {args.beta}, "
-              f"{args.logprobs} log-probs")
+        n_trainable = report_model(model, args, device, dtype, extra["model_type"],
+                                   then=f"; DPO beta {args.beta}, {args.logprobs} log-probs")
         metrics = {"data": {"path": str(data_path), **{k: len(v) for k, v in splits.items()},
                             "identical_left_out": identical},
                    "template": template.name, "settings": vars(args), "checkpoint": None, "interrupted": False,
@@ -615,10 +573,6 @@ def train_main(args: argparse.Namespace) -> dict:
 
 # ---------------------------------------------------------------------------------------------------
 # Command line
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """-h shows every default and keeps the example commands on their own lines."""
-
 
 EXAMPLES = """\
 examples:
@@ -682,8 +636,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="continue the run in OUT_DIR from its last evaluation: repeat the run's command and add "
                         "--resume (--epochs may grow)")
     args = p.parse_args(argv)
-    if args.preset is not None and args.init != "random":
-        p.error(f"--preset only applies to --init random; {args.init} brings its own size")
+    check_preset(p, args.init, args.preset)
     if args.init == "random" and args.preset is None:
         p.error("--init random needs --preset (for example --preset mini)")
     if args.resume and args.force:

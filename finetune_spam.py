@@ -30,8 +30,8 @@ from download import DownloadError, SMS_SPAM_SHA256, cache_dir, fetch
 from load_gpt2 import add_init_args, check_preset, load_model, model_card, tokenizer_for
 from model import GPT, add_device_args, add_lora, autocast, device_and_dtype, merge_lora, save_checkpoint
 from tokenizer_base import bos
-from training import (best_weights, check_finite, load_state, model_to_finetune, read_inputs, restore, save_state,
-                      trainable_parameters)
+from training import (best_weights, check_finite, load_state, model_to_finetune, read_inputs, report_model, restore,
+                      save_state, trainable_parameters)
 
 
 
@@ -483,10 +483,7 @@ def train_main(args: argparse.Namespace) -> dict:
               f"train {data['train']}, val {data['val']}, test {data['test']}; "
               f"{data['mean_tokens']:.1f} tokens on average, longest {data['max_tokens']}"
               + (f" ({data['truncated']} kept their last {model.config.block_size})" if data["truncated"] else ""))
-        n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print(f"model: {args.init}{' ' + args.preset if args.preset else ''}, {model.num_params() / 1e6:.1f}M "
-              f"parameters; training {args.trainable}: {n_trainable / 1e6:.2f}M parameters on {device} "
-              f"({str(dtype).removeprefix('torch.')})")
+        n_trainable = report_model(model, args, device, dtype)
 
         # Caching needs a frozen bottom (start > 0) that gives the same output every epoch (no dropout).
         cache = start > 0 and model.config.dropout == 0

@@ -222,7 +222,7 @@ def test_an_existing_run_is_kept_unless_force_and_a_locked_one_is_refused(tmp_pa
     with pytest.raises(UserError, match="already holds a run"):
         fp.main(tiny_args(tmp_path, data_file, "--epochs", "1"))
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != ".lock"} == before
-    monkeypatch.setattr(fp, "load_model", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr(fp, "model_to_finetune", lambda *a, **k: pytest.fail("work started"))
     with RunLock(out):
         with pytest.raises(UserError, match="in use by another run"):
             fp.main(tiny_args(tmp_path, data_file, "--epochs", "1", "--force"))
@@ -264,11 +264,11 @@ def test_bad_data_is_one_sentence_and_nothing_is_written(tmp_path, change, messa
     (tmp_path / "bad.json").write_text(json.dumps(data))
     with pytest.raises(UserError, match=message):
         fp.main(tiny_args(tmp_path, tmp_path / "bad.json", "--epochs", "1"))
-    assert [p.name for p in (tmp_path / "out").iterdir()] == []
+    assert not (tmp_path / "out").exists()  # nothing written, and no empty run folder left behind
 
 
 def test_a_missing_compare_file_is_refused_before_any_work(tmp_path, data_file, monkeypatch):
-    monkeypatch.setattr(fp, "load_model", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr(fp, "model_to_finetune", lambda *a, **k: pytest.fail("work started"))
     with pytest.raises(UserError, match="--compare .*nothing.json does not exist"):
         fp.main(tiny_args(tmp_path, data_file, "--compare", str(tmp_path / "nothing.json")))
 
