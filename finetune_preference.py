@@ -40,10 +40,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import (ArgumentParser, HelpFormatter, RunLock, UserError, atomic_write, clock, non_negative_float,
+from common import (ArgumentParser, HelpFormatter, RunLock, SEED, UserError, atomic_write, clock, non_negative_float,
                     non_negative_int, positive_float, positive_int, run_stage, side_by_side, writable_folder)
-from data import (Example, collate, length_grouped_batches, load_entries, make_example, random_batches,
-                  split_entries)
+from data import Example, collate, length_grouped_batches, load_entries, make_example, random_batches, split_entries
 from download import DownloadError, fetch
 from generate import answer
 from load_gpt2 import add_init_args, check_preset, model_card, tokenizer_for
@@ -51,6 +50,7 @@ from model import GPT, IGNORE, add_device_args, add_lora, autocast, device_and_d
 from templates import TEMPLATES, Template, default_template, prompt_ids
 from training import (best_weights, check_finite, load_state, model_to_finetune, report_model, restore, save_state,
                       trainable_parameters)
+
 
 
 PREFERENCE_RELPATH = "instruct/instruction-data-with-preference.json"  # one of download.KNOWN_FILES
@@ -624,7 +624,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compare", default=None, metavar="RESPONSES_JSON",
                    help="another run's test-responses.json (finetune_instruct's) to show beside the tuned model's "
                         "answers; default: the one beside the --init checkpoint, if any")
-    p.add_argument("--seed", type=int, default=123, help="seed of a random init, LoRA and the batch order")
+    p.add_argument("--seed", type=int, default=SEED, help="seed of a random init, LoRA and the batch order")
     add_device_args(p, ("auto", "float32", "bfloat16"), "autocast precision")
     p.add_argument("--out-dir", default="out/preference",
                    help=f"run folder: {MODEL_FILE} (the tuned model), {RESPONSES_FILE} (the test entries with a "

@@ -24,12 +24,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (ArgumentParser, UserError, non_negative_float, non_negative_int, positive_float, positive_int,
+from common import (ArgumentParser, SEED, UserError, non_negative_float, non_negative_int, positive_float, positive_int,
                     run_stage)
 from load_gpt2 import add_init_args, check_preset, load_model, tokenizer_for
 from model import GPT, KVCache, add_device_args, autocast, device_and_dtype, missing_compiler
 from templates import Template, stop_ids
 from tokenizer_base import bos
+
 
 
 DEFAULT_NEW_TOKENS = 100  # without --max-new-tokens: this many, or what the context leaves after the prompt
@@ -612,7 +613,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stop", type=stop_string, action="append", default=[],
                    help="stop a sample when its text contains this string (not printed); repeatable; "
                         "in bash, --stop $'\\n' stops at the end of a line")
-    p.add_argument("--seed", type=seed, default=1337)
+    p.add_argument("--seed", type=seed, default=SEED)
     p.add_argument("--num-samples", type=positive_int, default=1, help="samples per prompt, one after another")
     add_device_args(p, dtype_help="weights and compute (bfloat16 halves the weights' memory, on a CPU too)")
     p.add_argument("--quantize", choices=["int8"], default=None,

@@ -48,7 +48,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import corpus
 import download
 import tokenizer
-from common import (ArgumentParser, UserError, clock, non_negative_float, non_negative_int, positive_float,
+from common import (ArgumentParser, SEED, UserError, clock, non_negative_float, non_negative_int, positive_float,
                     positive_int, refuse_changed_flags, run_stage, unit_interval, writable_folder)
 from corpus import sample_windows
 from distributed import (Processes, StopOnCtrlC, broadcast_weights, checkpoint_activations, consolidate, from_rank0,
@@ -61,6 +61,7 @@ from model import (DTYPES, GPT, GPTConfig, add_device_args, autocast, get_config
                    resolve_device, resolve_dtype, save_checkpoint)
 from planner import init_config, make_plan, peak_flops, peak_memory, report_plan
 from tokenizer_base import bos
+
 
 
 
@@ -123,7 +124,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_device_args(p, ("auto", *DTYPES), "autocast precision (float16 adds a gradient scaler)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the model: a slow first step, then faster steps")
-    p.add_argument("--seed", type=int, default=1337, help="seeds the model's initialisation, data order and dropout")
+    p.add_argument("--seed", type=int, default=SEED, help="seeds the model's initialisation, data order and dropout")
     p.add_argument("--strategy", choices=STRATEGIES, default="ddp",
                    help="several processes: ddp keeps a whole copy of the model, its gradients and optimizer state "
                         "in every process; fsdp shards all three across the processes (one unit per block), so "

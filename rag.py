@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import (ArgumentParser, RunLock, UserError, atomic_write, non_negative_float, non_negative_int,
+from common import (ArgumentParser, RunLock, SEED, UserError, atomic_write, non_negative_float, non_negative_int,
                     positive_int, run_stage, writable_file, writable_folder)
 from data import default_data, load_entries, split_entries
 from generate import answer
@@ -39,6 +39,7 @@ from scoring import exact_match, judge_prompt, parse_score, rouge_l
 from templates import TEMPLATES, Template, default_template, encode_template_text, prompt_ids
 from tokenizer import get_tokenizer
 from tokenizer_base import bos
+
 
 
 
@@ -738,7 +739,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the prompt format; by default the one the model was finetuned with or its family's own")
     p.add_argument("--max-new-tokens", type=positive_int, default=100, help="length of the answer")
     add_init_args(p, "gpt2", "the model that answers")
-    p.add_argument("--seed", type=int, default=1234, help="seed of --init random")
+    p.add_argument("--seed", type=int, default=SEED, help="seed of --init random")
     add_device_args(p)
 
     p = commands.add_parser("compare", help="zero-shot, few-shot, retrieval and finetuning on the same test items")
@@ -752,7 +753,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=positive_int, default=8, help="prompts answered at once")
     p.add_argument("--judge", default=None, help="a model that rates each answer 0-100 with the book's prompt")
     p.add_argument("--judge-template", default=None, choices=list(TEMPLATES), help="the judge's prompt format")
-    p.add_argument("--seed", type=int, default=1234, help="seed of --init random and of the random examples")
+    p.add_argument("--seed", type=int, default=SEED, help="seed of --init random and of the random examples")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the table to FILE as JSON")
     p.add_argument("--force", action=argparse.BooleanOptionalAction, default=False,
                    help="replace an existing --json file")

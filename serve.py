@@ -41,13 +41,13 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from common import ArgumentParser, UserError, positive_int, run_stage
-from generate import (TextStream, check_sampling, cpu_head, encode_prompt, load_for_generation, next_logits,
-                      sample_next)
+from common import ArgumentParser, SEED, UserError, positive_int, run_stage
+from generate import TextStream, check_sampling, cpu_head, encode_prompt, load_for_generation, next_logits, sample_next
 from load_gpt2 import add_init_args, tokenizer_for
 from model import KVCache, add_device_args, device_and_dtype
 from templates import FAMILY_TEMPLATES, TEMPLATES, Template, encode_template_text, stop_ids
 from tokenizer_base import bos
+
 
 
 
@@ -796,7 +796,7 @@ def start(args: argparse.Namespace, log: Log | None = None) -> Running:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     add_init_args(p, "gpt2", what="the model to serve")
-    p.add_argument("--seed", type=int, default=1337, help="the seed --init random builds its weights with")
+    p.add_argument("--seed", type=int, default=SEED, help="the seed --init random builds its weights with")
     add_device_args(p, dtype_help="weights and compute (bfloat16 halves the weights' memory, on a CPU too)")
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="int8: every matrix stored as int8 with one scale per output channel. Default: none")
