@@ -27,6 +27,7 @@ from data import (Example, collate, default_data, degenerate_answers, degenerate
                   load_entries, make_example, random_batches, split_entries)
 from generate import answer
 from load_gpt2 import add_init_args, check_preset, load_model, model_card, tokenizer_for
+from loss_curve import write_loss_svg
 from model import GPT, IGNORE, add_device_args, add_lora, autocast, device_and_dtype, merge_lora, save_checkpoint
 from templates import TEMPLATES, Template, default_template, prompt_ids
 from training import (best_weights, check_finite, load_state, model_to_finetune, read_inputs, report_model, restore,
@@ -36,6 +37,7 @@ from training import (best_weights, check_finite, load_state, model_to_finetune,
 
 MODEL_FILE, RESPONSES_FILE, METRICS_FILE = "model.pt", "test-responses.json", "metrics.json"
 STATE_FILE = "state.pt"  # an unfinished run's state after its last finished epoch, for --resume
+LOSS_SVG = "loss.svg"  # the training and validation loss at each evaluation, for a browser
 # Flags that change what a resumed run computes; --epochs may grow, --device or --eval-every may change.
 RESUME_MUST_MATCH = ("data", "init", "preset", "template", "trainable", "lora_rank", "lora_alpha", "mask_prompt",
                      "max_length", "batch_size", "lr", "weight_decay", "group_by_length", "seed", "dtype")
@@ -110,6 +112,17 @@ def start_progress(resumed: dict | None, trainable: list, optimizer: torch.optim
     return {key: resumed[key] for key in PROGRESS_KEYS}
 
 
+def log_evaluation(run: dict, step: int, epoch: int, val_loss: float, svg_path: Path) -> None:
+    """One evaluation into run["val_losses"] (with the mean training loss of the steps since the last
+    evaluation, and the tokens seen), and loss.svg redrawn from them all."""
+    record = {"step": step, "epoch": epoch, "val_loss": val_loss, "tokens_seen": run["tokens"]}
+    since = run["val_losses"][-1]["step"] if run["val_losses"] else 0
+    if step > since:  # train_losses[i] is step i + 1's
+        record["train_loss"] = sum(run["train_losses"][since:step]) / (step - since)
+    run["val_losses"].append(record)
+    write_loss_svg(svg_path, run["val_losses"], title="finetune_instruct.py: training and validation loss")
+
+
 PROGRESS_KEYS = ("epoch", "step", "train_losses", "val_losses", "best", "best_weights", "tokens", "padded_tokens")
 
 
@@ -133,7 +146,7 @@ def train(model: GPT, splits: dict[str, list[Example]], args: argparse.Namespace
     try:
         if resumed is None:
             val_loss = evaluate_loss(model, val, args.batch_size, pad_id, args.mask_prompt, device, dtype)
-            run["val_losses"].append({"step": 0, "epoch": 0, "val_loss": val_loss})
+            log_evaluation(run, 0, 0, val_loss, state_path.parent / LOSS_SVG)
             print(f"step {0:>5}/{total_steps} | validation loss before finetuning {val_loss:.4f}")
         t_start = time.perf_counter()
         for epoch in range(run["epoch"] + 1, args.epochs + 1):
@@ -154,7 +167,7 @@ def train(model: GPT, splits: dict[str, list[Example]], args: argparse.Namespace
                 val_loss = None
                 if step % args.eval_every == 0 or step == total_steps:
                     val_loss = evaluate_loss(model, val, args.batch_size, pad_id, args.mask_prompt, device, dtype)
-                    run["val_losses"].append({"step": step, "epoch": epoch, "val_loss": val_loss})
+                    log_evaluation(run, step, epoch, val_loss, state_path.parent / LOSS_SVG)
                     if val_loss < run["best"]["val_loss"]:  # one assignment: a Ctrl-C leaves the old best whole
                         run["best_weights"], run["best"] = best_weights(trainable), {"val_loss": val_loss,
                                                                                       "step": step}
@@ -449,8 +462,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_device_args(p, ("auto", "float32", "bfloat16"), "autocast precision")
     p.add_argument("--out-dir", default="out/instruct",
                    help=f"run folder: {MODEL_FILE} (the finetuned model; python generate.py --init loads it), "
-                        f"{RESPONSES_FILE} (the test entries with a model_response each), {METRICS_FILE}, and "
-                        f"{STATE_FILE} while a run is unfinished (for --resume)")
+                        f"{RESPONSES_FILE} (the test entries with a model_response each), {METRICS_FILE}, {LOSS_SVG} "
+                        f"(the loss curves, for a browser), and {STATE_FILE} while a run is unfinished (for --resume)")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
                    help=f"continue the unfinished run in OUT_DIR after its last finished epoch ({STATE_FILE}): repeat "
                         f"its command and add --resume (--epochs may grow)")

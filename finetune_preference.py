@@ -46,6 +46,7 @@ from data import Example, collate, length_grouped_batches, load_entries, make_ex
 from download import DownloadError, fetch
 from generate import answer
 from load_gpt2 import add_init_args, check_preset, model_card, tokenizer_for
+from loss_curve import write_loss_svg
 from model import GPT, IGNORE, add_device_args, add_lora, autocast, device_and_dtype, merge_lora, save_checkpoint
 from templates import TEMPLATES, Template, default_template, prompt_ids
 from training import (best_weights, check_finite, load_state, model_to_finetune, report_model, restore, save_state,
@@ -56,6 +57,9 @@ from training import (best_weights, check_finite, load_state, model_to_finetune,
 PREFERENCE_RELPATH = "instruct/instruction-data-with-preference.json"  # one of download.KNOWN_FILES
 MODEL_FILE, RESPONSES_FILE, METRICS_FILE = "model.pt", "test-responses.json", "metrics.json"
 LOG_FILE, STATE_FILE = "metrics.jsonl", "state.pt"
+LOSS_SVG = "loss.svg"  # metrics.jsonl's loss and reward margin, redrawn at each evaluation, for a browser
+CURVES = (("train_loss", "training loss"), ("val_loss", "validation loss"),
+          ("train_reward_margin", "training reward margin"), ("val_reward_margin", "validation reward margin"))
 INSTRUCT_MODEL = "out/instruct/model.pt"  # finetune_instruct.py's default --out-dir
 
 
@@ -380,6 +384,8 @@ def evaluation_point(model: GPT, pairs: dict[str, list[Pair]], refs: dict[str, t
     record = record_evaluation(model, pairs, refs, step, args, pad_id, device, dtype)
     progress["history"].append(record)
     atomic_write(out_dir / LOG_FILE, "".join(json.dumps(r) + "\n" for r in progress["history"]))
+    write_loss_svg(out_dir / LOSS_SVG, progress["history"], series=CURVES,
+                   title="finetune_preference.py: DPO loss and reward margin (chosen minus rejected)")
     if step > 0 and record["val_loss"] < progress["best_val_loss"]:  # the best weights are tuned ones
         progress["best_weights"] = best_weights(trainable)
         progress.update(best_step=step, best_val_loss=record["val_loss"])
@@ -628,7 +634,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_device_args(p, ("auto", "float32", "bfloat16"), "autocast precision")
     p.add_argument("--out-dir", default="out/preference",
                    help=f"run folder: {MODEL_FILE} (the tuned model), {RESPONSES_FILE} (the test entries with a "
-                        f"model_response each), {LOG_FILE} (one record per evaluation), {METRICS_FILE}, "
+                        f"model_response each), {LOG_FILE} (one record per evaluation), {LOSS_SVG} (its curves, for a "
+                        f"browser), {METRICS_FILE}, "
                         f"{STATE_FILE} (for --resume)")
     p.add_argument("--force", action=argparse.BooleanOptionalAction, default=False,
                    help="replace a run already in OUT_DIR")

@@ -28,6 +28,7 @@ from common import (ArgumentParser, RunLock, SEED, UserError, atomic_write, cloc
                     positive_int, run_stage, writable_folder)
 from download import DownloadError, SMS_SPAM_SHA256, cache_dir, fetch
 from load_gpt2 import add_init_args, check_preset, load_model, model_card, tokenizer_for
+from loss_curve import write_loss_svg
 from model import GPT, add_device_args, add_lora, autocast, device_and_dtype, merge_lora, save_checkpoint
 from tokenizer_base import bos
 from training import (best_weights, check_finite, load_state, model_to_finetune, read_inputs, report_model, restore,
@@ -300,6 +301,9 @@ def format_metrics(m: dict) -> str:
 # Training
 
 STATE_FILE = "state.pt"  # an unfinished run's state after its last finished epoch, for --resume
+LOSS_SVG = "loss.svg"  # the history's curves, redrawn after each epoch, for a browser
+CURVES = (("train_loss", "training loss"), ("val_loss", "validation loss"),
+          ("train_accuracy", "training accuracy"), ("val_accuracy", "validation accuracy"))
 # Flags that change what a resumed run computes; --epochs may grow, --device or --eval-every may change.
 RESUME_MUST_MATCH = ("data", "init", "preset", "trainable", "lora_rank", "lora_alpha", "batch_size", "lr",
                      "weight_decay", "seed", "dtype")
@@ -404,6 +408,8 @@ def train(model: GPT, splits: dict[str, Split], start: int, args: argparse.Names
                         state_path)
             row = epoch_row(model, splits, start, args.batch_size, device, dtype, epoch, t_epoch)
             progress["history"].append(row)
+            write_loss_svg(state_path.parent / LOSS_SVG, progress["history"], series=CURVES, x="epoch", top_x=None,
+                           title="finetune_spam.py: loss and accuracy after each epoch")
             improved = math.isfinite(row["val_loss"]) and \
                 (row["val_accuracy"], -row["val_loss"]) > (best["val_accuracy"], -best["val_loss"])
             if improved:
@@ -570,8 +576,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                          "(the data split is fixed)")
     add_device_args(p, ("auto", "float32", "bfloat16"), "autocast precision")
     p.add_argument("--out-dir", default="out/spam",
-                   help="run folder: metrics.json, state.pt (an unfinished run's state after each epoch, for "
-                        "--resume; removed when the run finishes) and, by default, the classifier")
+                   help="run folder: metrics.json, loss.svg (loss and accuracy per epoch, for a browser), state.pt "
+                        "(an unfinished run's state after each epoch, for --resume; removed when the run finishes) "
+                        "and, by default, the classifier")
     p.add_argument("--checkpoint", default=None,
                    help="classifier file written by training and read by --predict; when not given, "
                         "OUT_DIR/classifier.pt")

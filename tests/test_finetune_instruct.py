@@ -352,7 +352,7 @@ def test_ctrl_c_while_answering_keeps_the_model_and_writes_no_answers(tmp_path, 
         raise KeyboardInterrupt
     monkeypatch.setattr(fi, "answer", interrupt)
     metrics = fi.main(tiny_args(tmp_path, data_file))
-    assert metrics["interrupted"] and set(files_in(tmp_path / "out")) == {fi.MODEL_FILE, fi.METRICS_FILE}
+    assert metrics["interrupted"] and set(files_in(tmp_path / "out")) == {fi.MODEL_FILE, fi.METRICS_FILE, fi.LOSS_SVG}
     assert json.loads((tmp_path / "out" / fi.METRICS_FILE).read_text())["interrupted"]
 
 
@@ -373,13 +373,14 @@ def test_a_loss_that_is_not_finite_stops_the_run_and_saves_nothing(tmp_path, dat
     monkeypatch.setattr(fi, "target_loss", poisoned)
     with pytest.raises(UserError, match="the loss became nan at step"):
         fi.main(tiny_args(tmp_path, data_file, "--epochs", "3"))
-    assert not (tmp_path / "out").exists()  # nothing saved, and no empty run folder left behind
+    # no model, answers or metrics: only the curve up to the last evaluation, which shows the loss before it broke
+    assert set(files_in(tmp_path / "out")) == {fi.LOSS_SVG}
 
 
 def test_an_existing_run_is_kept_unless_force(tmp_path, data_file):
     fi.main(tiny_args(tmp_path, data_file, "--epochs", "1", "--max-new-tokens", "2"))
     before = files_in(tmp_path / "out")
-    assert set(before) == {fi.MODEL_FILE, fi.METRICS_FILE, fi.RESPONSES_FILE}
+    assert set(before) == {fi.MODEL_FILE, fi.METRICS_FILE, fi.RESPONSES_FILE, fi.LOSS_SVG}
     with pytest.raises(UserError, match="already holds a run"):
         fi.main(tiny_args(tmp_path, data_file, "--epochs", "1"))
     assert files_in(tmp_path / "out") == before
@@ -531,3 +532,25 @@ def test_a_family_model_trains_with_its_own_template_and_tokenizer(tmp_path, dat
     assert example.ids[-1] == tok.eos_id
     _, saved = load_checkpoint(tmp_path / "out" / fi.MODEL_FILE)
     assert saved["template"] == template and saved["model_type"] == extra["model_type"]
+
+
+def svg_points(path: Path) -> dict[str, list[tuple[float, float]]]:
+    """loss.svg's marked points by series, (x, y) read back from each point's title ("val_loss 2.5 at step 4")."""
+    import xml.etree.ElementTree as ET
+    ns = "{http://www.w3.org/2000/svg}"
+    points = {}
+    for group in ET.parse(path).getroot().iter(f"{ns}g"):
+        titles = [circle.find(f"{ns}title").text.split() for circle in group.iter(f"{ns}circle")]
+        points[group.get("data-key")] = [(float(t[4]), float(t[1])) for t in titles]
+    return points
+
+
+def test_loss_svg_holds_one_point_per_evaluation_with_tokens_seen(tmp_path, data_file):
+    metrics = fi.main(tiny_args(tmp_path, data_file, "--max-new-tokens", "3"))  # 6 steps, evaluated at 0, 2, 4, 6
+    records = metrics["val_losses"]
+    points = svg_points(tmp_path / "out" / fi.LOSS_SVG)
+    assert [r["step"] for r in records] == [0, 2, 4, 6] and records[-1]["tokens_seen"] == metrics["tokens"]
+    assert points["val_loss"] == [(r["step"], pytest.approx(r["val_loss"], rel=1e-3)) for r in records]
+    losses = metrics["train_losses"]  # the training loss point: the mean of the steps since the last evaluation
+    assert points["train_loss"] == [(s, pytest.approx(sum(losses[s - 2:s]) / 2, rel=1e-3)) for s in (2, 4, 6)]
+    assert "tokens seen" in (tmp_path / "out" / fi.LOSS_SVG).read_text()

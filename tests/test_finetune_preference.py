@@ -309,3 +309,18 @@ def test_a_whole_run_in_a_subprocess_and_a_bad_flag(tmp_path, data_file):
     assert result.returncode == 1 and result.stderr.startswith("error: argument --beta") and "Traceback" not in result.stderr
     result = run("--out-dir", str(tmp_path / "x"))  # no instruction-finetuned model in out/instruct
     assert result.returncode == 1 and "python finetune_instruct.py" in result.stderr
+
+
+def test_loss_svg_holds_the_loss_and_reward_margin_of_each_evaluation(tmp_path, data_file):
+    import xml.etree.ElementTree as ET
+    ns = "{http://www.w3.org/2000/svg}"
+    metrics = fp.main(tiny_args(tmp_path, data_file, "--epochs", "1"))
+    records = metrics["history"]
+    assert [r["step"] for r in records] == [0, 2, 3]  # 17 pairs, 8 a step: 3 steps, evaluated every 2 and at the end
+    root = ET.parse(tmp_path / "out" / fp.LOSS_SVG).getroot()
+    for key in ("train_loss", "val_loss", "train_reward_margin", "val_reward_margin"):
+        # each point's title reads "val_loss 0.6931 at step 2": one per metrics.jsonl record, with its value
+        group = root.find(f"{ns}g[@data-key='{key}']")
+        titles = [c.find(f"{ns}title").text.split() for c in group.iter(f"{ns}circle")]
+        assert [(float(t[4]), float(t[1])) for t in titles] == \
+            [(r["step"], pytest.approx(r[key], rel=1e-3, abs=1e-4)) for r in records]

@@ -301,7 +301,7 @@ def test_a_loss_that_is_not_finite_stops_the_run_and_saves_nothing_broken(tmp_pa
 def test_an_existing_classifier_is_kept_unless_force(tmp_path, data_file):
     fs.main(tiny_args(tmp_path, data_file, "--epochs", "1"))
     before = files_in(tmp_path / "out")
-    assert set(before) == {"classifier.pt", "metrics.json"}  # a finished run keeps no state.pt
+    assert set(before) == {"classifier.pt", "metrics.json", fs.LOSS_SVG}  # a finished run keeps no state.pt
     with pytest.raises(UserError, match="already exists"):
         fs.main(tiny_args(tmp_path, data_file, "--epochs", "1"))
     assert files_in(tmp_path / "out") == before
@@ -352,3 +352,16 @@ def test_ctrl_c_on_the_command_line_saves_the_best_epoch_and_exits_130(tmp_path,
     assert "Ctrl-C: stopped in epoch" in rest and "continue with the same command plus --resume" in rest
     model, extra = load_checkpoint(out / "classifier.pt")
     assert model.config.num_classes == 2
+
+
+def test_loss_svg_holds_loss_and_accuracy_for_each_epoch(tmp_path, data_file):
+    import xml.etree.ElementTree as ET
+    ns = "{http://www.w3.org/2000/svg}"
+    metrics = fs.main(tiny_args(tmp_path, data_file, "--epochs", "2"))
+    root = ET.parse(tmp_path / "out" / fs.LOSS_SVG).getroot()
+    for key in ("train_loss", "val_loss", "train_accuracy", "val_accuracy"):
+        # each point's title reads "val_accuracy 0.9643 at epoch 2": one per epoch, with that epoch's value
+        group = root.find(f"{ns}g[@data-key='{key}']")
+        titles = [c.find(f"{ns}title").text.split() for c in group.iter(f"{ns}circle")]
+        assert [(float(t[4]), float(t[1])) for t in titles] == \
+            [(row["epoch"], pytest.approx(row[key], rel=1e-3)) for row in metrics["history"]] and len(titles) == 2
