@@ -811,7 +811,11 @@ def train(args: argparse.Namespace) -> tuple[GPT, dict]:
                                                                      and run.step % args.save_every == 0):
                         save_latest(run)
             report_end(run, first_step, interrupted)
-            return run.gpt, results(run, losses, last_record, total, interrupted)
+            outcome = run.gpt, results(run, losses, last_record, total, interrupted)
+            # The DDP wrapper goes before the process group: freed after it, its reducer would end the
+            # group's gloo threads while holding the GIL that one of them waits for (a hang at exit).
+            del run
+    return outcome
 
 
 def report_end(run: Run, first_step: int, interrupted: bool) -> None:
