@@ -627,12 +627,12 @@ def start_run(args: argparse.Namespace, procs: Processes, device: torch.device, 
               tokens_per_step=args.batch_size * block_size * args.grad_accum * procs.world_size,
               step=state.get("step", 0), best_val_loss=state.get("best_val_loss", math.inf))
     if procs.is_main:
-        run.records = read_records(out_dir / METRICS) if args.resume else []
+        run.records = read_metrics(out_dir / METRICS) if args.resume else []
         describe_run(run, data)
     return run
 
 
-def read_records(path: Path) -> list[dict]:
+def read_metrics(path: Path) -> list[dict]:
     """metrics.jsonl's records; a line cut short by a killed run is left out."""
     records = []
     for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
