@@ -324,32 +324,70 @@ def _compute_dtype(model: GPT, device: torch.device) -> torch.dtype:
     return next(p.dtype for p in model.parameters() if p.is_floating_point())
 
 
-def cpu_head(model: nn.Module) -> torch.Tensor | None:
-    """The LM head's weight transposed and contiguous, (C, V), when decoding should use it; else None.
+def packs_for_cpu(weight: torch.Tensor) -> bool:
+    """Whether PackedLinear applies to this weight: float32 on an x86 CPU that oneDNN serves."""
+    return (weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+            and torch.backends.cpu.get_cpu_capability().startswith("AVX"))
 
-    One token at a time, the LM head is the largest matrix read per token (154 MB for GPT-2 124M in
-    float32), and CPU matmul kernels stream a float32 matrix faster as (C, V) than in nn.Linear's
-    (V, C) layout. So a plain GPT decoding on a CPU multiplies by a transposed copy of a float32 head.
-    Not in bfloat16, whose (V, C) product is the faster one, nor for an int8 head (Int8Linear), whose
-    kernel is made for (V, C), nor for a compiled model, whose frozen head inductor packs for its own
-    kernel; GPUs read both layouts at full speed and keep their memory."""
+
+class PackedLinear(nn.Module):
+    """nn.Linear for decoding on an x86 CPU in float32: the weight reordered once into oneDNN's
+    blocked layout, then multiplied by oneDNN's linear kernel.
+
+    A decoding step multiplies a few rows of activations (one per sequence) by every matrix of the
+    model, so its time is the time to stream the weights from memory. The default BLAS kernel does
+    that well for one row but poorly for a handful (a server's batch), and it reads nn.Linear's
+    (out, in) layout slower than a blocked one; a weight packed ahead of time for `rows` rows streams
+    fast for one row and for several. Prompts (many rows) run at the default kernel's speed. The
+    packed weight is an opaque tensor that only this kernel reads: a decoding-only model."""
+
+    def __init__(self, linear: nn.Linear, rows: int = 8):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        # (out, in) in oneDNN's blocked layout; a buffer, so the model's bytes count it, but not saved
+        self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), rows),
+                             persistent=False)
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+@torch.no_grad()
+def pack_for_cpu(model: nn.Module) -> nn.Module:
+    """Replace every nn.Linear of a float32 model on an x86 CPU by a PackedLinear, in place (what
+    generate.py and serve.py do before decoding; not with --compile, whose inductor packs for its
+    own kernels). Each float matrix is freed once its packed copy exists; a tied head gets its own
+    packed copy, and the embedding keeps the table. Other models are returned as they are."""
+    linears = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
+               if type(child) is nn.Linear and packs_for_cpu(child.weight)]  # exactly nn.Linear: not a LoRALinear
+    for parent, name in linears:
+        setattr(parent, name, PackedLinear(getattr(parent, name)))
+    return model
+
+
+def cpu_head(model: nn.Module) -> PackedLinear | None:
+    """A packed copy of a plain GPT's float32 LM head on an x86 CPU, for decoding with next_logits;
+    else None. One token at a time, the head is the largest matrix read per token (154 MB for GPT-2
+    124M in float32), and the packed copy streams faster than nn.Linear's own (see PackedLinear).
+    For models used for more than decoding (finetune_instruct's answers), which pack_for_cpu may
+    not change. None for a model already packed, for an int8 head (Int8Linear) and for a compiled
+    model, whose frozen head inductor packs for its own kernel."""
     if not isinstance(model, GPT) or model.config.num_classes is not None or type(model.lm_head) is not nn.Linear:
         return None
-    weight = model.lm_head.weight
-    if weight.device.type != "cpu" or weight.dtype != torch.float32:
-        return None
-    return weight.t().contiguous()  # (C, V)
+    return PackedLinear(model.lm_head) if packs_for_cpu(model.lm_head.weight) else None
 
 
-def next_logits(model: nn.Module, ids: torch.Tensor, head_t: torch.Tensor | None, **kwargs) -> torch.Tensor:
-    """The logits after the last position of ids (B, T) -> (B, V): model's own head, or with head_t
-    (see cpu_head) the product of model.hidden's last hidden states and head_t, plus the head's bias.
-    kwargs are GPT.forward's (attention_mask, kv_cache, cache_positions)."""
-    if head_t is None:
+def next_logits(model: nn.Module, ids: torch.Tensor, head: nn.Module | None, **kwargs) -> torch.Tensor:
+    """The logits after the last position of ids (B, T) -> (B, V): model's own head, or `head` (see
+    cpu_head) applied to model.hidden's last hidden states. kwargs are GPT.forward's
+    (attention_mask, kv_cache, cache_positions)."""
+    if head is None:
         return model(ids, last_only=True, **kwargs)[0][:, -1]
-    logits = model.hidden(ids, **kwargs)[:, -1] @ head_t  # (B, C) @ (C, V)
-    bias = model.lm_head.bias
-    return logits if bias is None else logits + bias
+    return head(model.hidden(ids, **kwargs)[:, -1])  # (B, C) -> (B, V)
 
 
 @torch.inference_mode()
@@ -379,8 +417,8 @@ def generate(model: GPT, ids: torch.Tensor, max_new_tokens: int, *, temperature:
     device = ids.device
     # One slot per token this call will feed the model: the prompt, then every new token but the last.
     cache = KVCache(model.config, B, T + max_new_tokens - 1, device, _compute_dtype(model, device))
-    head_t = cpu_head(model)
-    logits = next_logits(model, ids, head_t, attention_mask=attention_mask, kv_cache=cache,
+    head = cpu_head(model)
+    logits = next_logits(model, ids, head, attention_mask=attention_mask, kv_cache=cache,
                          cache_positions=torch.arange(T, device=device))  # (B, V)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     streams = [TextStream(decode, stop_strings) for _ in range(B)] if stop_strings else []
@@ -396,7 +434,7 @@ def generate(model: GPT, ids: torch.Tensor, max_new_tokens: int, *, temperature:
         if step == max_new_tokens - 1 or ((eos_id is not None or streams) and bool(done.all())):
             return
         # Finished rows keep decoding their own (ignored) tokens: simpler than shrinking the batch.
-        logits = next_logits(model, next_ids[:, None], head_t, kv_cache=cache,
+        logits = next_logits(model, next_ids[:, None], head, kv_cache=cache,
                              cache_positions=torch.tensor([T + step], device=device))
 
 
@@ -639,8 +677,7 @@ def main(args: argparse.Namespace) -> dict:
         raise UserError(f"{args.init} is a classifier with {model.config.num_classes} classes; it cannot generate text")
     tokenizer = tokenizer_for(card)
     model.eval()
-    if args.compile:
-        model = compile_for_generation(model, device)
+    model = compile_for_generation(model, device) if args.compile else pack_for_cpu(model)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     prompts = [args.prompt] if args.prompt is not None else read_prompts(sys.stdin)
     samples = []

@@ -9,7 +9,8 @@ streamed as server-sent events with "stream": true) and the chat page at /.
 
 How it is built. Python's standard library serves HTTP (ThreadingHTTPServer: one thread per
 connection), which keeps the project's dependencies few and the whole server in this file; a thread
-per client is cheap at the batch sizes a single model serves. One scheduler thread owns the model.
+per client is cheap at the batch sizes a single model serves. One thread, the scheduler, owns the
+model: the main thread, the one that loaded it (see Running).
 Connection threads check a request, hand it to the scheduler through a bounded queue (full: 429)
 and read its text back from a queue of its own.
 
@@ -42,7 +43,7 @@ import torch
 import torch.nn as nn
 
 from common import ArgumentParser, SEED, UserError, positive_int, run_stage
-from generate import TextStream, check_sampling, cpu_head, encode_prompt, load_for_generation, next_logits, sample_next
+from generate import TextStream, check_sampling, encode_prompt, load_for_generation, next_logits, pack_for_cpu, sample_next
 from load_gpt2 import add_init_args, tokenizer_for
 from model import KVCache, add_device_args, device_and_dtype
 from templates import FAMILY_TEMPLATES, TEMPLATES, Template, encode_template_text, stop_ids
@@ -122,8 +123,6 @@ class Scheduler:
         self.waiting: queue.Queue[Job] = queue.Queue(maxsize=queue_size)
         self.closing = threading.Event()
         self.tokens_done = 0  # new tokens over the server's life, for the load line
-        # generate()'s own head on a CPU (a float32 head read transposed), so the numbers are generate.py's
-        self.head_t = cpu_head(model)
 
     def submit(self, job: Job) -> None:
         """Queue a job; APIError 429 if the queue is full, 503 once the server is closing."""
@@ -140,10 +139,14 @@ class Scheduler:
 
     def run(self, log: "Log") -> None:
         """The loop; returns once closing is set and every admitted request has finished."""
+        stopping = False
         while True:
             self.drop_cancelled()
             self.admit(block=self.running() == 0)
-            if self.closing.is_set() and self.running() == 0:
+            if self.closing.is_set() and not stopping:
+                stopping = True
+                log.line(f"stopping: finishing the requests in flight ({self.running()})")
+            if stopping and self.running() == 0:
                 self.refuse_waiting()
                 return
             try:
@@ -212,7 +215,7 @@ class Scheduler:
                 real[row, T - len(chunk):] = 1
                 slots[row, T - len(chunk):] = torch.arange(start, start + len(chunk))
         part = self.cache.part(slice(first, span), int(slots.max()) + 1)
-        logits = next_logits(self.model, ids.to(self.device), self.head_t, attention_mask=real.to(self.device),
+        logits = next_logits(self.model, ids.to(self.device), None, attention_mask=real.to(self.device),
                              kv_cache=part, cache_positions=slots.to(self.device))  # (rows, V)
         for job in jobs:
             job.fed += len(chunks[job.slot])
@@ -235,7 +238,7 @@ class Scheduler:
             if job is not None:
                 tokens[i, 0], slots[i, 0] = max(job.last, 0), job.fed
         part = self.cache.part(slice(0, span), int(slots.max()) + 1)
-        logits = next_logits(self.model, tokens.to(self.device), self.head_t, kv_cache=part,
+        logits = next_logits(self.model, tokens.to(self.device), None, kv_cache=part,
                              cache_positions=slots.to(self.device))  # (span, V)
         for job in rows:
             job.fed += 1
@@ -744,40 +747,58 @@ def template_for(extra: dict, name: str | None) -> Template | None:
 
 
 class Running:
-    """A server that is up: its URL, and close() to stop it (what Ctrl-C does). Tests start one in-process."""
+    """A server that is up: its URL, and close() to stop it (what Ctrl-C does).
 
-    def __init__(self, app: App, server: Server):
+    HTTP runs in background threads. The scheduler runs in a thread of its own (what tests start
+    in-process), or with in_thread=False in the caller's own thread, through serve_here(): what
+    `python serve.py` does, so the model runs in the thread that loaded it. A model loaded in one
+    thread and run in another decodes markedly slower on a CPU: each thread that runs parallel
+    kernels gets its own team of OpenMP threads, and two teams share the cores."""
+
+    def __init__(self, app: App, server: Server, in_thread: bool = True):
         self.app, self.server = app, server
         host, port = server.server_address[:2]
         self.url = f"http://{host}:{port}"
-        self.scheduler_thread = threading.Thread(target=app.scheduler.run, args=(app.log,), name="scheduler",
-                                                 daemon=True)
+        self.scheduler_thread = None
+        if in_thread:
+            self.scheduler_thread = threading.Thread(target=self.serve_here, name="scheduler", daemon=True)
+            self.scheduler_thread.start()
         self.http_thread = threading.Thread(target=server.serve_forever, args=(0.1,), name="http", daemon=True)
-        self.scheduler_thread.start()
         self.http_thread.start()
+
+    def serve_here(self) -> None:
+        """Run the scheduler in this thread until app.scheduler.closing is set and what is in flight is done."""
+        self.app.scheduler.run(self.app.log)
 
     def close(self, timeout: float = 60.0) -> None:
         """Stop taking requests, let those in flight finish (their clients get the whole answer), then
         stop: queued ones that never started are answered 503."""
+        self.app.scheduler.closing.set()  # from here a new request is answered 503
         self.server.shutdown()  # the accept loop ends; open connections keep their threads
-        self.app.scheduler.closing.set()
-        self.scheduler_thread.join(timeout)
+        if self.scheduler_thread is not None:
+            self.scheduler_thread.join(timeout)
         deadline = time.perf_counter() + timeout
         with self.app.lock:  # wait for the last bytes of every answer to be written
             while self.app.in_flight and time.perf_counter() < deadline:
                 self.app.lock.wait(0.1)
         self.server.server_close()
+        # Free the model's tensors here, in the closing thread: left to whichever connection thread
+        # lets go of the server last, they could be freed while the interpreter exits, and a thread
+        # that frees a tensor then is stopped in a way that aborts the process.
+        self.app.scheduler.model = self.app.scheduler.cache = None
 
 
-def start(args: argparse.Namespace, log: Log | None = None) -> Running:
-    """Load the model and start serving it in background threads."""
+def start(args: argparse.Namespace, log: Log | None = None, in_thread: bool = True) -> Running:
+    """Load the model and start serving it: in background threads, or with in_thread=False, HTTP in
+    the background and the scheduler left to the caller's Running.serve_here()."""
     device, dtype = device_and_dtype(args.device, args.dtype)
     torch.manual_seed(args.seed)  # --init random builds the weights generate.py builds with this seed
     model, extra = load_for_generation(args.init, preset=args.preset, device=device, dtype=dtype,
                                        quantize=args.quantize)
     if model.config.num_classes is not None:
         raise UserError(f"{args.init} is a classifier with {model.config.num_classes} classes; it cannot generate text")
-    model.eval()
+    # generate.py's own kernels on a CPU (packed float32 weights), so each request's numbers are generate.py's
+    model = pack_for_cpu(model.eval())
     tokenizer = tokenizer_for(extra)
     log = log or Log()
     context = min(model.config.block_size, args.context)
@@ -790,7 +811,7 @@ def start(args: argparse.Namespace, log: Log | None = None) -> Running:
         server = Server((args.host, args.port), app)
     except OSError as e:
         raise UserError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}); choose another --port") from None
-    return Running(app, server)
+    return Running(app, server, in_thread)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -820,19 +841,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> dict:
-    running = start(args)
-    stop = threading.Event()
+    running = start(args, in_thread=False)
+    closing = running.app.scheduler.closing
 
     def on_signal(signum, frame):
-        stop.set()
+        closing.set()  # serve_here finishes what is in flight and returns (an Event: no lock to wait on here)
         signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     running.app.log.line(f"serving {running.app.name} at {running.url}/ (OpenAI API under /v1/); Ctrl-C stops")
-    while not stop.wait(0.5):
-        pass
-    running.app.log.line("stopping: finishing the requests in flight")
+    try:
+        running.serve_here()
+    except KeyboardInterrupt:  # a second Ctrl-C: stop at once, without waiting for answers to be written
+        running.close(timeout=0)
+        raise
     running.close()
     running.app.log.line("stopped")
     return {"url": running.url, "tokens": running.app.scheduler.tokens_done}

@@ -5,6 +5,7 @@ float32 logits on inputs longer than the sliding window and their KV-cached gree
 (made by tests/fixtures/make_hf_families.py, which says what each fixture exercises). The *-tiny
 presets are checked against themselves: the cache, padding, the window, the split forward pass.
 """
+import copy
 import json
 import shutil
 import struct
@@ -20,7 +21,7 @@ from fixtures.hub_config import hub_layout
 
 import load_gpt2
 from common import UserError
-from generate import cpu_head, generate, left_pad, next_logits
+from generate import PackedLinear, cpu_head, generate, left_pad, next_logits, pack_for_cpu
 from load_gpt2 import export_hf, load_model, load_pretrained
 from safetensors_file import SafetensorsFile, write_safetensors
 
@@ -145,17 +146,21 @@ def test_batched_generation_equals_each_row_alone(loaded):
         assert together[i].tolist() == greedy_recomputed(model, torch.tensor([row]), 10)
 
 
-def test_decoding_with_the_transposed_cpu_head_adds_the_lm_head_bias(loaded):
-    """generate.py's CPU head product (hidden states @ a transposed copy of the head) equals the model's
-    own head, bias included (Phi-2's head has one)."""
+def test_decoding_with_the_packed_cpu_head_adds_the_lm_head_bias(loaded):
+    """generate.py's CPU head (a packed copy of the head, PackedLinear) equals the model's own head,
+    bias included (Phi-2's head has one); so does a whole model packed by pack_for_cpu."""
     family, model, _ = loaded
     ids = torch.from_numpy(reference(family)["input_ids"][:, :9])
-    head_t = cpu_head(model)
-    assert head_t is not None and head_t.shape == model.lm_head.weight.shape[::-1]
+    head = cpu_head(model)
+    assert isinstance(head, PackedLinear) and (head.bias is None) == (model.lm_head.bias is None)
     with torch.no_grad():
         plain = model(ids, last_only=True)[0][:, -1]
-        transposed = next_logits(model, ids, head_t)
-    torch.testing.assert_close(transposed, plain, rtol=0, atol=1e-5)
+        packed_head = next_logits(model, ids, head)
+        whole = pack_for_cpu(copy.deepcopy(model))
+        packed_model = next_logits(whole, ids, cpu_head(whole))
+    assert cpu_head(whole) is None and not any(type(m) is torch.nn.Linear for m in whole.modules())
+    torch.testing.assert_close(packed_head, plain, rtol=0, atol=1e-5)
+    torch.testing.assert_close(packed_model, plain, rtol=0, atol=1e-4)
 
 
 # --- loading: layouts, dtypes, shards ------------------------------------------------------------------

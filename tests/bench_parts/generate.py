@@ -50,7 +50,7 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))  # the repository root: model.py & co.
 from bench_parts.load import PEAK_RSS  # noqa: E402
-from generate import compile_for_generation, generate, load_for_generation
+from generate import compile_for_generation, generate, load_for_generation, pack_for_cpu
 from load_gpt2 import export_hf
 from model import DTYPES, GPT, PRESETS, get_config
 from tokenizer import UserError
@@ -167,6 +167,8 @@ def measure_variant(spec: dict, peak_rss) -> dict:
     import_rss = peak_rss()
     model, _ = load_for_generation(spec["folder"], dtype=DTYPES[dtype_name], quantize=quantize)
     model.eval()
+    if not compile_model:
+        model = pack_for_cpu(model)  # as generate.py does when it does not compile
     prompt, n = torch.tensor([spec["prompt"]]), spec["new_tokens"]
     if not cached:
         start = time.perf_counter()
