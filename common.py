@@ -21,20 +21,29 @@ class UserError(Exception):
     """A mistake the user can fix (bad path, bad flag value, missing file); the message is one sentence."""
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """-h shows each flag's default once, and keeps an epilog's example commands on their own lines.
+
+    Not "(default: None)": a flag without a default says in its help what happens without it; and
+    not after a help text that already names its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help = action.help or ""
+        if action.default is None or "default" in help.lower():
+            return help
+        return super()._get_help_string(action)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with two house rules: every -h shows the defaults, and a bad flag raises UserError
     (one line on stderr and exit 1, through run_stage) instead of printing the usage and exiting 2."""
 
     def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         raise UserError(f"{message} (see: python {self.prog} --help)")
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """-h shows every default and keeps an epilog's example commands on their own lines."""
 
 
 def _number_flag(convert, test, wanted: str):

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import planner
-from common import (ArgumentParser, HelpFormatter, RunLock, SEED, UserError, atomic_write, clock, non_negative_float,
+from common import (ArgumentParser, RunLock, SEED, UserError, atomic_write, clock, non_negative_float,
                     non_negative_int, positive_float, positive_int, run_stage, side_by_side, writable_folder)
 from data import (Example, collate, default_data, degenerate_answers, degenerate_note, length_grouped_batches,
                   load_entries, make_example, random_batches, split_entries)
@@ -424,7 +424,7 @@ examples:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = ArgumentParser(description=__doc__.split("\n")[0], epilog=LAPTOP_HELP, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n")[0], epilog=LAPTOP_HELP)
     p.add_argument("--data", default=None,
                    help="a JSON list or JSONL of {instruction, input, output} entries; when not given, the book's "
                         "instruction-data.json (1,100 entries), downloaded once into the cache. Split as the book "

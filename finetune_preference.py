@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import (ArgumentParser, HelpFormatter, RunLock, SEED, UserError, atomic_write, clock, non_negative_float,
+from common import (ArgumentParser, RunLock, SEED, UserError, atomic_write, clock, non_negative_float,
                     non_negative_int, positive_float, positive_int, run_stage, side_by_side, writable_folder)
 from data import Example, collate, length_grouped_batches, load_entries, make_example, random_batches, split_entries
 from download import DownloadError, fetch
@@ -591,7 +591,7 @@ examples:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = ArgumentParser(description=__doc__.split("\n")[0], epilog=EXAMPLES, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n")[0], epilog=EXAMPLES)
     p.add_argument("--data", default=None,
                    help="a JSON list or JSONL of {instruction, input, output, chosen, rejected} entries; when not "
                         "given, the book's instruction-data-with-preference.json (1,100 entries), downloaded once "
