@@ -30,13 +30,12 @@ from load_gpt2 import add_init_args, check_preset, load_model, model_card, token
 from loss_curve import write_loss_svg
 from model import GPT, IGNORE, add_device_args, add_lora, autocast, device_and_dtype, merge_lora, save_checkpoint
 from templates import TEMPLATES, Template, default_template, prompt_ids
-from training import (best_weights, check_finite, load_state, model_to_finetune, read_inputs, report_model, restore,
-                      save_state, trainable_parameters)
+from training import (STATE_FILE, best_weights, check_existing_run, check_finite, load_state, model_to_finetune,
+                      read_inputs, report_model, restore, save_state, trainable_parameters)
 
 
 
 MODEL_FILE, RESPONSES_FILE, METRICS_FILE = "model.pt", "test-responses.json", "metrics.json"
-STATE_FILE = "state.pt"  # an unfinished run's state after its last finished epoch, for --resume
 LOSS_SVG = "loss.svg"  # the training and validation loss at each evaluation, for a browser
 # Flags that change what a resumed run computes; --epochs may grow, --device or --eval-every may change.
 RESUME_MUST_MATCH = ("data", "init", "preset", "template", "trainable", "lora_rank", "lora_alpha", "mask_prompt",
@@ -232,19 +231,6 @@ def prepare(splits: dict[str, list[dict]], tokenizer, template: Template, max_le
     return examples, summary
 
 
-def check_existing_run(out_dir: Path, args: argparse.Namespace) -> None:
-    """Refuse to start over an unfinished run (its state is there) or a finished one, unless --force."""
-    if args.force or args.resume:
-        return
-    if (out_dir / STATE_FILE).exists():
-        raise UserError(f"{out_dir} holds an unfinished run ({STATE_FILE}); add --resume to continue it, --force to "
-                        f"replace it, or choose another --out-dir")
-    for name in (MODEL_FILE, METRICS_FILE, RESPONSES_FILE):
-        if (out_dir / name).exists():
-            raise UserError(f"{out_dir} already holds a run ({name}); add --force to replace it, or choose another "
-                            f"--out-dir")
-
-
 def remove_old_results(out_dir: Path) -> None:
     """Called before a run writes its first file: an old run's (--force) answers and metrics go, so the
     folder never pairs them with the new model."""
@@ -318,7 +304,7 @@ def train_main(args: argparse.Namespace) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls (outside autocast) on tensor cores
     out_dir = writable_folder(args.out_dir)
     with RunLock(out_dir):
-        check_existing_run(out_dir, args)
+        check_existing_run(out_dir, args, tuple(out_dir / name for name in (MODEL_FILE, METRICS_FILE, RESPONSES_FILE)))
         resumed = load_state(out_dir / STATE_FILE, args, RESUME_MUST_MATCH) if args.resume else None
         data_path = Path(args.data) if args.data else default_data()
         splits = split_entries(load_entries(data_path))

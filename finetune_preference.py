@@ -49,14 +49,14 @@ from load_gpt2 import add_init_args, check_preset, model_card, tokenizer_for
 from loss_curve import write_loss_svg
 from model import GPT, IGNORE, add_device_args, add_lora, autocast, device_and_dtype, merge_lora, save_checkpoint
 from templates import TEMPLATES, Template, default_template, prompt_ids
-from training import (best_weights, check_finite, load_state, model_to_finetune, report_model, restore, save_state,
-                      trainable_parameters)
+from training import (STATE_FILE, best_weights, check_existing_run, check_finite, load_state, model_to_finetune,
+                      report_model, restore, save_state, trainable_parameters)
 
 
 
 PREFERENCE_RELPATH = "instruct/instruction-data-with-preference.json"  # one of download.KNOWN_FILES
 MODEL_FILE, RESPONSES_FILE, METRICS_FILE = "model.pt", "test-responses.json", "metrics.json"
-LOG_FILE, STATE_FILE = "metrics.jsonl", "state.pt"
+LOG_FILE = "metrics.jsonl"
 LOSS_SVG = "loss.svg"  # metrics.jsonl's loss and reward margin, redrawn at each evaluation, for a browser
 CURVES = (("train_loss", "training loss"), ("val_loss", "validation loss"),
           ("train_reward_margin", "training reward margin"), ("val_reward_margin", "validation reward margin"))
@@ -408,20 +408,6 @@ def print_progress(step: int, total_steps: int, epoch: int, interval: dict, reco
 # ---------------------------------------------------------------------------------------------------
 # Training run: data in, a tuned model, its answers to the test set and the metrics out
 
-def check_existing_run(out_dir: Path, force: bool, resume: bool) -> None:
-    """Refuse to overwrite a run unless --force (which then removes what describes the old run) or
-    --resume (which continues it)."""
-    names = (MODEL_FILE, METRICS_FILE, RESPONSES_FILE, LOG_FILE, STATE_FILE)
-    if not force and not resume:
-        for name in names:
-            if (out_dir / name).exists():
-                raise UserError(f"{out_dir} already holds a run ({name}); add --resume to continue it, --force to "
-                                f"replace it, or choose another --out-dir")
-    if force:
-        for name in names[1:]:  # the old model stays until the new one replaces it
-            (out_dir / name).unlink(missing_ok=True)
-
-
 def read_splits(args: argparse.Namespace) -> tuple[Path, dict[str, list[dict]], list[int]]:
     """The book's split of the data (the same test items as finetune_instruct's), with the train and
     validation pairs whose two responses are the same left out; their entry indices are returned."""
@@ -539,9 +525,13 @@ def train_main(args: argparse.Namespace) -> dict:
         raise UserError(f"--compare {args.compare} does not exist; name a test-responses.json written by "
                         f"finetune_instruct.py")
     with RunLock(out_dir):
-        check_existing_run(out_dir, args.force, args.resume)
-        resumed = (load_state(out_dir / STATE_FILE, args, RESUME_MUST_MATCH,
-                              "no run there reached its first evaluation") if args.resume else None)
+        check_existing_run(out_dir, args, tuple(out_dir / name for name in (MODEL_FILE, METRICS_FILE, RESPONSES_FILE,
+                                                                             LOG_FILE)))
+        if args.force:  # what describes the old run goes now; its model stays until the new one replaces it
+            for name in (METRICS_FILE, RESPONSES_FILE, LOG_FILE, STATE_FILE):
+                (out_dir / name).unlink(missing_ok=True)
+        resumed = (load_state(out_dir / STATE_FILE, args, RESUME_MUST_MATCH, "a finished run keeps no state, and an "
+                              "unfinished one saves it at its first evaluation") if args.resume else None)
         data_path, splits, identical = read_splits(args)
         model, extra = starting_model(args, device)
         tokenizer, template = tokenizer_for(extra), TEMPLATES[args.template or default_template(extra)]
@@ -560,6 +550,8 @@ def train_main(args: argparse.Namespace) -> dict:
         if args.epochs:
             metrics.update(tune(model, extra, splits, tokenizer, template, args, device, dtype, out_dir,
                                 str(data_path), resumed))
+            if not metrics["interrupted"]:
+                (out_dir / STATE_FILE).unlink(missing_ok=True)  # the model holds what tuning made
         if not metrics["interrupted"]:
             tested = write_answers(model, splits, tokenizer, template, args, device, dtype, out_dir, metrics)
             compare = default_compare(args)
@@ -636,12 +628,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"run folder: {MODEL_FILE} (the tuned model), {RESPONSES_FILE} (the test entries with a "
                         f"model_response each), {LOG_FILE} (one record per evaluation), {LOSS_SVG} (its curves, for a "
                         f"browser), {METRICS_FILE}, "
-                        f"{STATE_FILE} (for --resume)")
+                        f"{STATE_FILE} while a run is unfinished (for --resume)")
     p.add_argument("--force", action=argparse.BooleanOptionalAction, default=False,
                    help="replace a run already in OUT_DIR")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
-                   help="continue the run in OUT_DIR from its last evaluation: repeat the run's command and add "
-                        "--resume (--epochs may grow)")
+                   help=f"continue the unfinished run in OUT_DIR from its last evaluation ({STATE_FILE}): repeat the "
+                        "run's command and add --resume")
     args = p.parse_args(argv)
     check_preset(p, args.init, args.preset)
     if args.init == "random" and args.preset is None:

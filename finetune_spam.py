@@ -31,8 +31,8 @@ from load_gpt2 import add_init_args, check_preset, load_model, model_card, token
 from loss_curve import write_loss_svg
 from model import GPT, add_device_args, add_lora, autocast, device_and_dtype, merge_lora, save_checkpoint
 from tokenizer_base import bos
-from training import (best_weights, check_finite, load_state, model_to_finetune, read_inputs, report_model, restore,
-                      save_state, trainable_parameters)
+from training import (STATE_FILE, best_weights, check_existing_run, check_finite, load_state, model_to_finetune,
+                      read_inputs, report_model, restore, save_state, trainable_parameters)
 
 
 
@@ -300,7 +300,6 @@ def format_metrics(m: dict) -> str:
 # ---------------------------------------------------------------------------------------------------
 # Training
 
-STATE_FILE = "state.pt"  # an unfinished run's state after its last finished epoch, for --resume
 LOSS_SVG = "loss.svg"  # the history's curves, redrawn after each epoch, for a browser
 CURVES = (("train_loss", "training loss"), ("val_loss", "validation loss"),
           ("train_accuracy", "training accuracy"), ("val_accuracy", "validation accuracy"))
@@ -457,15 +456,6 @@ def prepare_splits(messages: list[tuple[int, str]], tokenizer, block_size: int) 
     return splits, summary
 
 
-def check_existing_run(checkpoint: Path, state_path: Path) -> None:
-    """Refuse to start over an unfinished run (its state is there) or a finished one (its classifier)."""
-    if state_path.exists():
-        raise UserError(f"{state_path} already exists; add --resume to continue that run, --force to replace it, "
-                        f"or choose another --out-dir")
-    if checkpoint.exists():
-        raise UserError(f"{checkpoint} already exists; add --force to replace it, or choose another --out-dir")
-
-
 def train_main(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     device, dtype = device_and_dtype(args.device, args.dtype)
@@ -474,8 +464,7 @@ def train_main(args: argparse.Namespace) -> dict:
     writable_folder(checkpoint.parent, "--checkpoint's folder")
     state_path = out_dir / STATE_FILE
     with RunLock(out_dir):
-        if not args.force and not args.resume:
-            check_existing_run(checkpoint, state_path)
+        check_existing_run(out_dir, args, (checkpoint,))
         resumed = load_state(state_path, args, RESUME_MUST_MATCH) if args.resume else None
         data_path = Path(args.data) if args.data else default_data()
         messages = load_messages(data_path)

@@ -69,6 +69,23 @@ def restore(trainable: list[tuple[str, nn.Parameter]], weights: dict[str, torch.
             p.copy_(weights[name])
 
 
+STATE_FILE = "state.pt"  # an unfinished run's state, for --resume; a run that finishes removes it
+
+
+def check_existing_run(out_dir: Path, args: argparse.Namespace, finished: tuple[Path, ...]) -> None:
+    """Refuse to start over a run in out_dir unless --force (replace it) or --resume (continue it): an
+    unfinished run holds STATE_FILE, a finished one any of the files `finished` (its model, its results)."""
+    if args.force or args.resume:
+        return
+    if (out_dir / STATE_FILE).exists():
+        raise UserError(f"{out_dir} holds an unfinished run ({STATE_FILE}); add --resume to continue it, --force to "
+                        f"replace it, or choose another --out-dir")
+    for path in finished:
+        if path.exists():
+            raise UserError(f"{out_dir} already holds a run ({path if path.parent != out_dir else path.name}); add "
+                            f"--force to replace it, or choose another --out-dir")
+
+
 def save_state(path: Path, trainable: list[tuple[str, nn.Parameter]], optimizer: torch.optim.Optimizer,
                generator: torch.Generator | None, progress: dict, args: argparse.Namespace) -> None:
     """Everything --resume needs, written atomically: the trainable weights (the frozen ones come back

@@ -157,9 +157,22 @@ def test_cached_reference_logprobs_equal_fresh_ones(pairs):
 # ---------------------------------------------------------------------------------------------------
 # Training runs
 
-def test_a_few_steps_raise_the_training_reward_margin_and_accuracy(tmp_path, data_file):
+def kept_states(monkeypatch) -> list[dict]:
+    """Every state a run saves for --resume, read back as --resume reads it (a finished run removes its
+    state.pt, so the test keeps a copy of each)."""
+    states, real = [], fp.save_state
+    def save_and_keep(path, *args):
+        real(path, *args)
+        states.append(torch.load(path, weights_only=True))
+    monkeypatch.setattr(fp, "save_state", save_and_keep)
+    return states
+
+
+def test_a_few_steps_raise_the_training_reward_margin_and_accuracy(tmp_path, data_file, monkeypatch):
+    states = kept_states(monkeypatch)
     metrics = fp.main(tiny_args(tmp_path, data_file, "--epochs", "3", "--lr", "1e-3"))
     out = tmp_path / "out"
+    assert not (out / fp.STATE_FILE).exists()  # a finished run keeps no state
     records = [json.loads(line) for line in (out / fp.LOG_FILE).read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 2, 4, 6, 8, 9] and records == metrics["history"]
     assert set(records[0]) == {"step"} | {f"{split}_{key}" for split in ("train", "val") for key in
@@ -180,7 +193,7 @@ def test_a_few_steps_raise_the_training_reward_margin_and_accuracy(tmp_path, dat
     assert len(answers) == 2 and all("model_response" in a and a["chosen"] for a in answers)
 
     # the references the run kept equal the starting model's, recomputed fresh
-    state = torch.load(out / fp.STATE_FILE, weights_only=True)
+    state = states[-1]
     start, _ = fp.starting_model(tiny_args(tmp_path, data_file), torch.device("cpu"))
     pairs = [fp.make_pair(get_tokenizer(), TEMPLATES["alpaca"], e, 64, "") for e in entries()[:17]]
     fresh = fp.reference_logprobs(start, pairs, 8, 50256, "mean", torch.device("cpu"), torch.float32)
@@ -207,12 +220,14 @@ def test_ctrl_c_then_resume_ends_as_an_uninterrupted_run(tmp_path, data_file, mo
         fp.main(args)
     monkeypatch.setattr(fp, "training_step", real)
     monkeypatch.setattr(fp, "reference_logprobs", lambda *a, **k: pytest.fail("references recomputed"))
+    with pytest.raises(UserError, match="--lr 0.001 \\(now 0.002\\)"):
+        fp.main(tiny_args(tmp_path, data_file, "--epochs", "2", "--lr", "2e-3", "--resume"))
     resumed = fp.main(tiny_args(tmp_path, data_file, "--epochs", "2", "--lr", "1e-3", "--resume"))
     assert [r["step"] for r in resumed["history"]] == [r["step"] for r in whole["history"]]
     for a, b in zip(resumed["history"], whole["history"]):
         assert a == pytest.approx(b, abs=1e-5)
-    with pytest.raises(UserError, match="--lr 0.001 \\(now 0.002\\)"):
-        fp.main(tiny_args(tmp_path, data_file, "--epochs", "2", "--lr", "2e-3", "--resume"))
+    with pytest.raises(UserError, match="--resume: .*state.pt does not exist .a finished run keeps no state"):
+        fp.main(tiny_args(tmp_path, data_file, "--epochs", "3", "--lr", "1e-3", "--resume"))
 
 
 def test_an_existing_run_is_kept_unless_force_and_a_locked_one_is_refused(tmp_path, data_file, monkeypatch):
@@ -231,9 +246,10 @@ def test_an_existing_run_is_kept_unless_force_and_a_locked_one_is_refused(tmp_pa
     assert (out / fp.MODEL_FILE).read_bytes() != before[fp.MODEL_FILE]
 
 
-def test_a_lora_run_trains_only_the_adapters_and_saves_them_merged(tmp_path, data_file):
+def test_a_lora_run_trains_only_the_adapters_and_saves_them_merged(tmp_path, data_file, monkeypatch):
+    states = kept_states(monkeypatch)
     metrics = fp.main(tiny_args(tmp_path, data_file, "--epochs", "2", "--trainable", "lora", "--lr", "1e-2"))
-    state = torch.load(tmp_path / "out" / fp.STATE_FILE, weights_only=True)
+    state = states[-1]
     assert state["trainable"] and all(name.endswith((".A", ".B")) for name in state["trainable"])
     assert metrics["history"][-1]["train_reward_margin"] > 0
     model, _ = load_checkpoint(tmp_path / "out" / fp.MODEL_FILE)  # a plain GPT: the adapters merged in

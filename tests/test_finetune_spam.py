@@ -258,7 +258,7 @@ def test_ctrl_c_keeps_the_best_epoch_and_resume_finishes_like_an_uninterrupted_r
     model, extra = load_checkpoint(tmp_path / "run" / "out" / "classifier.pt")  # the best (only) epoch's weights
     assert extra["test"] is None and model.config.num_classes == 2
 
-    with pytest.raises(UserError, match="already exists; add --resume"):
+    with pytest.raises(UserError, match="holds an unfinished run .state.pt.; add --resume"):
         fs.main(tiny_args(tmp_path / "run", data_file))
     resumed = fs.main(tiny_args(tmp_path / "run", data_file, "--resume"))
     assert [row["epoch"] for row in resumed["history"]] == [1, 2, 3]
@@ -302,7 +302,7 @@ def test_an_existing_classifier_is_kept_unless_force(tmp_path, data_file):
     fs.main(tiny_args(tmp_path, data_file, "--epochs", "1"))
     before = files_in(tmp_path / "out")
     assert set(before) == {"classifier.pt", "metrics.json", fs.LOSS_SVG}  # a finished run keeps no state.pt
-    with pytest.raises(UserError, match="already exists"):
+    with pytest.raises(UserError, match="already holds a run"):
         fs.main(tiny_args(tmp_path, data_file, "--epochs", "1"))
     assert files_in(tmp_path / "out") == before
     fs.main(tiny_args(tmp_path, data_file, "--epochs", "1", "--force", "--seed", "5"))
