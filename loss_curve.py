@@ -14,21 +14,24 @@ from xml.sax.saxutils import escape
 
 from common import atomic_write
 
-WIDTH, HEIGHT = 720, 420
-LEFT, RIGHT, TOP, BOTTOM = 70, 20, 60, 50  # margins around the plot area, in pixels
+WIDTH, HEIGHT = 860, 420
+LEFT, RIGHT, TOP, BOTTOM = 70, 160, 60, 50  # margins around the plot area, in pixels; the legend is at the right
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd")
 LOSSES = (("train_loss", "training loss"), ("val_loss", "validation loss"))
 
 
-def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
-    """About `count` round values (steps of 1, 2 or 5 times a power of ten) covering [low, high]."""
+def nice_ticks(low: float, high: float, count: int = 5, whole: bool = False) -> list[float]:
+    """About `count` round values (steps of 1, 2 or 5 times a power of ten) covering [low, high];
+    whole: steps of at least 1 (steps and epochs come in whole numbers)."""
     if high <= low:
         high = low + 1
     raw = (high - low) / count
     power = 10 ** math.floor(math.log10(raw))
     step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+    if whole:
+        step = max(step, 1)
     first = math.floor(low / step) * step
-    return [first + i * step for i in range(int(math.ceil((high - first) / step + 1e-9)) + 1)]
+    return [first + i * step for i in range(int(math.ceil((high - first) / step - 1e-9)) + 1)]
 
 
 def _label(value: float) -> str:
@@ -64,7 +67,8 @@ def write_loss_svg(path: str | Path, records: list[dict], *, series: tuple[tuple
                     and math.isfinite(r[key]) and x in r] for key, _ in series}
     xs = [px for line in points.values() for px, _ in line] or [0]
     ys = [py for line in points.values() for _, py in line] or [0]
-    x_ticks, y_ticks = nice_ticks(min(xs), max(xs)), nice_ticks(min(ys), max(ys))
+    x_ticks = nice_ticks(min(xs), max(xs), whole=all(float(v).is_integer() for v in xs))
+    y_ticks = nice_ticks(min(ys), max(ys))
     frame = Frame(x_ticks[0], x_ticks[-1], y_ticks[0], y_ticks[-1])
     sx, sy, plot_w, plot_h = frame.sx, frame.sy, frame.width, frame.height
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" '
@@ -89,8 +93,10 @@ def write_loss_svg(path: str | Path, records: list[dict], *, series: tuple[tuple
         out += [f'<circle cx="{sx(px):.1f}" cy="{sy(py):.1f}" r="2.5"><title>{escape(key)} {py:.4g} at '
                 f'{escape(x)} {px:g}</title></circle>' for px, py in points[key]]
         out.append("</g>")
-        out.append(f'<text x="{LEFT + plot_w - 150}" y="{TOP + 18 + 16 * i}" fill="{color}">'
-                   f'{escape(legend)}</text>')
+        legend_y = TOP + 10 + 18 * i  # beside the plot, where no line can run through it
+        out.append(f'<line x1="{LEFT + plot_w + 12}" y1="{legend_y - 4}" x2="{LEFT + plot_w + 30}" y2="{legend_y - 4}" '
+                   f'stroke="{color}" stroke-width="2"/>')
+        out.append(f'<text x="{LEFT + plot_w + 36}" y="{legend_y}" fill="{color}">{escape(legend)}</text>')
     out.append("</svg>")
     return atomic_write(path, "\n".join(out) + "\n")
 
