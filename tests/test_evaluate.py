@@ -334,7 +334,8 @@ def test_exclude_scores_the_clean_items_alone(tmp_path):
     everything = run_cli(*common)
     clean = run_cli(*common, "--exclude", tmp_path / "c.json")
     assert [e["index"] for e in clean["items"]] == [0, 2, 3, 5] and clean["excluded"] == 2
-    assert [e["scores"] for e in clean["items"]] == [everything["items"][i]["scores"] for i in (0, 2, 3, 5)]
+    for entry, i in zip(clean["items"], (0, 2, 3, 5)):  # other batch-mates: equal up to float rounding
+        assert entry["scores"] == pytest.approx(everything["items"][i]["scores"], abs=1e-5)
     (tmp_path / "other.json").write_text(json.dumps({"contaminated": [1], "items": 9}))
     with pytest.raises(UserError, match="made for 9 items, but --data has 6"):
         run_cli(*common, "--exclude", tmp_path / "other.json")
