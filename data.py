@@ -23,9 +23,10 @@ DATA_RELPATH = "instruct/instruction-data.json"  # the book's 1,100 entries, one
 SPLIT = (0.85, 0.10)  # train, test fractions; validation gets the rest: 935 / 110 / 55 of the default data
 
 
-def read_records(text: str, source: str) -> list[tuple[int, dict]]:
+def read_records(text: str, source: str, objects_only: bool = True) -> list[tuple[int, dict]]:
     """The objects of a JSON list or of JSONL (one object per line), each with the line it starts on, so
-    that a message can name it. Anything else is a UserError naming the source and the line."""
+    that a message can name it. Anything else is a UserError naming the source and the line.
+    objects_only=False: any JSON value is a record (rag.py indexes strings as well as objects)."""
     text = text.removeprefix("\ufeff")  # a byte-order mark, as some editors write
     records = []
     if text.lstrip().startswith("["):
@@ -53,7 +54,7 @@ def read_records(text: str, source: str) -> list[tuple[int, dict]]:
                     raise UserError(f"{source} line {number} is not valid JSON ({e.msg}); write one object per "
                                     f"line (JSONL) or one JSON list") from None
     for line, record in records:
-        if not isinstance(record, dict):
+        if objects_only and not isinstance(record, dict):
             raise UserError(f"{source} line {line} holds a JSON {type(record).__name__}, not an object with fields")
     return records
 

@@ -31,7 +31,7 @@ import torch
 
 from common import (ArgumentParser, RunLock, SEED, UserError, atomic_write, non_negative_float, non_negative_int,
                     positive_int, run_stage, writable_file, writable_folder)
-from data import default_data, load_entries, split_entries
+from data import default_data, load_entries, read_records, split_entries
 from generate import answer
 from load_gpt2 import add_init_args, load_model, tokenizer_for
 from model import add_device_args, device_and_dtype
@@ -111,16 +111,8 @@ def read_documents(path: Path) -> list[Document]:
                         f"out") from None
     if path.suffix.lower() not in RECORD_SUFFIXES:
         return [Document(str(path), text)]
-    try:
-        if text.lstrip().startswith("["):
-            records = json.loads(text)
-        else:
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
-        records = records if isinstance(records, list) else [records]  # a single JSON object is one record
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is neither a JSON list nor JSONL ({e.msg}, line {e.lineno}); fix it or leave it "
-                        f"out") from None
-    return [Document(f"{path}#{i}", record_text(r)) for i, r in enumerate(records)]
+    records = read_records(text, str(path), objects_only=False)
+    return [Document(f"{path}#{i}", record_text(record)) for i, (_, record) in enumerate(records)]
 
 
 def word_spans(text: str) -> tuple[np.ndarray, np.ndarray]:

@@ -136,6 +136,16 @@ def docs(tmp_path):
     return folder
 
 
+def test_json_and_jsonl_records_are_documents_and_a_bad_line_is_named(tmp_path):
+    (tmp_path / "list.json").write_text(json.dumps(["a plain string", {"q": "an object"}]), encoding="utf-8")
+    documents = rag.read_documents(tmp_path / "list.json")
+    assert [d.text for d in documents] == ["a plain string", "an object"]
+    assert [d.source for d in documents] == [f"{tmp_path / 'list.json'}#0", f"{tmp_path / 'list.json'}#1"]
+    (tmp_path / "bad.jsonl").write_text('{"q": 1}\n{"q": 2,\n', encoding="utf-8")
+    with pytest.raises(UserError, match=r"bad.jsonl line 2 is not valid JSON"):
+        rag.read_documents(tmp_path / "bad.jsonl")
+
+
 def test_index_saved_loaded_and_queried_gives_the_same_results(docs, tmp_path):
     out = tmp_path / "index"
     built = run("index", str(docs / "*"), "--out", str(out), "--chunk", "20", "--overlap", "5")
