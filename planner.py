@@ -267,11 +267,13 @@ def fit_changes(run: dict, gpu: bool) -> list[tuple[str, dict]]:
 
 def make_plan(config: GPTConfig, *, batch_size: int, block_size: int, grad_accum: int = 1, processes: int = 1,
               strategy: str = "ddp", activation_checkpointing: bool = False, dtype_name: str = "auto",
-              device: torch.device = torch.device("cpu"), steps: int | None = None,
+              device: torch.device = torch.device("cpu"), steps: int | None = None, eval_tokens: int = 0,
               trainable_params: int | None = None, what: str = "") -> dict:
     """Everything --plan reports, as a JSON-ready dict: the run, its FLOPs and, per device (this CPU,
     the PLAN_GPUS, and the run's own GPU if it has one), the bytes one process holds, whether that
-    fits, the first change that makes it fit, and the time per step and per run.
+    fits, the first change that makes it fit, and the time per step and per run. eval_tokens: the
+    tokens the run's evaluations read over the whole run (a forward pass each, a third of a training
+    token's FLOPs), which the time per run includes.
 
     "bytes_per_process" and "memory" are the chosen device's (--device). finetune_instruct.py plans
     its runs with this too (trainable_params for LoRA, steps when known)."""
@@ -299,10 +301,11 @@ def make_plan(config: GPTConfig, *, batch_size: int, block_size: int, grad_accum
                               <= (capacity if on_gpu else available)), None)
         rate = flops_per_s * (processes if on_gpu else 1) if flops_per_s else None
         seconds = hardware_flops * tokens_per_step / rate if rate else None
+        evaluating = flops / 3 * eval_tokens / rate if rate else 0.0  # forward only: 2 of training's 6 FLOPs per weight
         return {"device": name, "memory_bytes": capacity, "bytes_per_process": need["total"], "memory": need,
                 "dtype": str(dtype).removeprefix("torch."), "fits": fits, "fits_with": fits_with,
                 "sustained_flops_per_s": rate, "seconds_per_step": seconds,
-                "seconds_per_run": seconds * steps if seconds and steps else None}
+                "seconds_per_run": seconds * steps + evaluating if seconds and steps else None}
 
     gpu_dtype = DTYPES.get(dtype_name, torch.bfloat16)  # auto: bfloat16 on these GPUs, float32 on a CPU
     devices = [price("this CPU", cpu_flops * CPU_MFU, machine_memory(), False, DTYPES.get(dtype_name, torch.float32))]
@@ -319,7 +322,7 @@ def make_plan(config: GPTConfig, *, batch_size: int, block_size: int, grad_accum
     return {
         "model": what, "parameters": chosen["memory"]["parameters"],
         "trainable_parameters": chosen["memory"]["trainable_parameters"], "run": run,
-        "tokens_per_step": tokens_per_step, "steps": steps,
+        "tokens_per_step": tokens_per_step, "steps": steps, "eval_tokens": eval_tokens,
         "flops_per_token": flops, "flops_per_step": flops * tokens_per_step,
         "hardware_flops_per_step": hardware_flops * tokens_per_step,
         "device": chosen["device"], "bytes_per_process": chosen["bytes_per_process"], "memory": chosen["memory"],
@@ -368,7 +371,7 @@ def format_plan(plan: dict) -> str:
     lines.append(f"FLOPs: {plan['flops_per_token']:.3g} per token, {plan['flops_per_step']:.3g} per step"
                  + (f" ({plan['hardware_flops_per_step']:.3g} run, with the recomputation)"
                     if plan["hardware_flops_per_step"] != plan["flops_per_step"] else ""))
-    run_title = f"run ({plan['steps']} steps)" if plan["steps"] else "run"
+    run_title = f"run ({plan['steps']} steps{', evaluations' if plan['eval_tokens'] else ''})" if plan["steps"] else "run"
     header = f"{'device':<10} {'memory':>10} {'per process':>12} {'dtype':>9} {'fits':>5} {'time/step':>10} " \
              f"{run_title:>18}"
     lines += [header, "-" * len(header)]

@@ -199,8 +199,15 @@ def plan_main(args: argparse.Namespace) -> dict:
     plan = make_plan(config, batch_size=args.batch_size, block_size=block_size, grad_accum=args.grad_accum,
                      processes=args.plan_processes or int(os.environ.get("WORLD_SIZE", "1")),
                      strategy=args.strategy, activation_checkpointing=args.activation_checkpointing,
-                     dtype_name=args.dtype, device=resolve_device(args.device), steps=args.max_steps, what=what)
+                     dtype_name=args.dtype, device=resolve_device(args.device), steps=args.max_steps,
+                     eval_tokens=evaluations(args.max_steps, args.eval_every) * args.eval_batches * args.batch_size
+                     * block_size, what=what)
     return report_plan(plan, args.out_dir)
+
+
+def evaluations(max_steps: int, eval_every: int) -> int:
+    """How many evaluations a run makes: at step 0, every eval_every steps, and after the last step."""
+    return len(set(range(0, max_steps, eval_every)) | {max_steps})
 
 
 # ---------------------------------------------------------------------------------------------------

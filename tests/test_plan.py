@@ -118,8 +118,12 @@ def test_plan_prints_every_figure_writes_plan_json_and_trains_nothing(tmp_path, 
     assert plan["activations_with_checkpointing"] < 0.4 * mem["activations"]
     assert plan["flops_per_step"] == plan["flops_per_token"] * plan["tokens_per_step"]
     assert [d["device"] for d in plan["devices"]] == ["this CPU", "H100", "H200", "A100", "L4"]
+    # 1000 steps, and 41 evaluations (step 0, every 25 steps) of 8 batches: forward passes, a third of a step's FLOPs
+    assert plan["eval_tokens"] == 41 * 8 * 8 * 1024
     for d in plan["devices"]:
-        assert d["seconds_per_step"] > 0 and d["seconds_per_run"] == pytest.approx(1000 * d["seconds_per_step"])
+        evaluating = plan["flops_per_token"] / 3 * plan["eval_tokens"] / d["sustained_flops_per_s"]
+        assert d["seconds_per_step"] > 0
+        assert d["seconds_per_run"] == pytest.approx(1000 * d["seconds_per_step"] + evaluating)
     h100 = next(d for d in plan["devices"] if d["device"] == "H100")
     assert h100["dtype"] == "bfloat16" and h100["fits"]
     for words in ("parameters", "weights", "gradients", "optimizer state", "activations", "FLOPs", "A100", "H100",
