@@ -164,8 +164,8 @@ def write_corpus(path: Path, megabytes: float, planted: list[str], rng: np.rando
 
 
 def write_token_folder(folder: Path, megabytes: float, planted: list[list[int]], rng: np.random.Generator) -> None:
-    """A prepared token folder of random GPT-2 ids (uint16, meta.json without a dtype, as tokenizer.py prepare
-    has always written), with the planted token sequences inside train.bin."""
+    """A prepared token folder of random GPT-2 ids (uint16, with the meta.json tokenizer.py prepare writes),
+    with the planted token sequences inside train.bin."""
     folder.mkdir(parents=True, exist_ok=True)
     n = int(megabytes * 1e6 / 2)
     tokens = rng.integers(0, 50256, n, dtype=np.uint16)
@@ -174,8 +174,9 @@ def write_token_folder(folder: Path, megabytes: float, planted: list[list[int]],
         tokens[start:start + len(ids)] = ids
     tokens.tofile(folder / "train.bin")
     np.zeros(0, np.uint16).tofile(folder / "val.bin")
-    (folder / "meta.json").write_text(json.dumps({"vocab_size": 50257, "eot_token": 50256, "train_tokens": n,
-                                                  "val_tokens": 0, "sources": ["generated"]}))
+    (folder / "meta.json").write_text(json.dumps({"vocab_size": 50257, "dtype": "uint16", "eot_token": 50256,
+                                                  "bos_id": 50256, "eos_id": 50256, "tokenizer_name": "gpt2",
+                                                  "train_tokens": n, "val_tokens": 0, "sources": ["generated"]}))
 
 
 def contamination_rows(args: argparse.Namespace) -> list[dict]:

@@ -164,7 +164,9 @@ def run(args: argparse.Namespace) -> list[dict]:
             hf = transformers_decode(args.hf_python, model, prompt, n, 1)
             tokens["transformers"], hf_class = hf["tokens"], f"{hf['class']}.generate ({hf['attn_implementation']} attention)"
             rounds["transformers"].append(round(n / hf["seconds"], 1))
-    labels = {"ours": "KV cache (ours)", "compiled": "KV cache, --compile: frozen weights (ours)"}
+    labels = {name: label for name, label in (("ours", "KV cache (ours)"),
+                                              ("compiled", "KV cache, --compile: frozen weights (ours)"))
+              if name in decoders}  # --no-family-compile: no compiled row
     if args.hf_python:
         labels["transformers"] = f"transformers {hf_class}"
     rows = []
