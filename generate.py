@@ -658,9 +658,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="int8: every matrix stored as int8 with one scale per output channel, a quarter of "
                         "float32's memory (a 7B model in about 8 GB); --dtype sets the rest. Default: none")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                   help="torch.compile the model: the first tokens wait for compiling, the rest come faster "
-                        "(on CPU with frozen weights, which takes more memory; with --quantize int8 there, "
-                        "autotuned, faster still, for about twice int8's memory)")
+                   help="torch.compile the model: the first tokens wait for compiling, the rest come faster on a "
+                        "GPU, and on a CPU with --quantize int8 (frozen, autotuned weights: about twice int8's "
+                        "memory); on a CPU in float32 the uncompiled packed weights are as fast or faster")
     args = p.parse_args(argv)
     check_preset(p, args.init, args.preset)
     return args
