@@ -43,7 +43,8 @@ import torch
 import torch.nn as nn
 
 from common import ArgumentParser, SEED, UserError, positive_int, run_stage
-from generate import TextStream, check_sampling, encode_prompt, load_for_generation, next_logits, pack_for_cpu, sample_next
+from generate import (TextStream, check_sampling, encode_prompt, load_for_generation, next_logits, pack_for_cpu,
+                      sample_next)
 from load_gpt2 import add_init_args, tokenizer_for
 from model import KVCache, add_device_args, device_and_dtype
 from templates import FAMILY_TEMPLATES, TEMPLATES, Template, encode_template_text, stop_ids
@@ -773,7 +774,8 @@ class Running:
     def close(self, timeout: float = 60.0) -> None:
         """Stop taking requests, let those in flight finish (their clients get the whole answer), then
         stop: queued ones that never started are answered 503."""
-        self.app.scheduler.closing.set()  # from here a new request is answered 503
+        if not self.app.scheduler.closing.is_set():  # after Ctrl-C it is, and main's handler may set it again
+            self.app.scheduler.closing.set()  # from here a new request is answered 503
         self.server.shutdown()  # the accept loop ends; open connections keep their threads
         if self.scheduler_thread is not None:
             self.scheduler_thread.join(timeout)
@@ -845,7 +847,9 @@ def main(args: argparse.Namespace) -> dict:
     closing = running.app.scheduler.closing
 
     def on_signal(signum, frame):
-        closing.set()  # serve_here finishes what is in flight and returns (an Event: no lock to wait on here)
+        # serve_here finishes what is in flight and returns. Event.set takes the Event's own lock, which
+        # this thread never holds while serving (it only reads is_set), so the handler cannot deadlock.
+        closing.set()
         signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
 
     signal.signal(signal.SIGINT, on_signal)
